@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -60,23 +61,57 @@ def check_model_path(path: str, flag: str = "--base_model") -> None:
         raise ValueError(f"{flag}={path!r}: the folder has no config.json; is it a model folder?")
 
 
-def load_tokenizer(path: str, padding_side: str = "right", trust_remote_code: bool = False):
+def load_tokenizer(
+    path: str, padding_side: str = "right", trust_remote_code: bool = False, add_pad_token: bool = False
+):
     """Load a tokenizer and give it a pad token that is never EOS.
 
     LLaMA tokenizers ship without a pad token. Padding with EOS (a common shortcut) teaches the model
-    never to stop, because EOS labels get masked with the padding; upstream Alpaca-LoRA used the unk
-    token (id 0) for this reason, and we do the same when the tokenizer has one.
+    never to stop, because EOS labels get masked with the padding. Upstream Alpaca-LoRA used the unk
+    token (id 0), which needs no new embedding row: we do the same unless `add_pad_token` (Stanford's
+    full fine-tuning adds a `[PAD]` token; the caller must then resize the embeddings).
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        unk = tokenizer.unk_token_id
+        if not add_pad_token and unk is not None and unk != tokenizer.eos_token_id:
             tokenizer.pad_token = tokenizer.unk_token
         else:
             tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
+
+
+def add_missing_special_tokens(tokenizer) -> int:
+    """Add bos/eos/unk only when the tokenizer lacks them (Stanford's rule); return how many were added."""
+    missing = {}
+    for key, text in (("eos_token", "</s>"), ("bos_token", "<s>"), ("unk_token", "<unk>")):
+        if getattr(tokenizer, key) is None:
+            missing[key] = text
+    return tokenizer.add_special_tokens(missing) if missing else 0
+
+
+def resize_embeddings_for_new_tokens(model, tokenizer, num_new_tokens: int | None = None) -> int:
+    """Resize the embeddings to the tokenizer and set each new input and output row to the mean of the
+    existing rows (Stanford's `smart_tokenizer_and_embedding_resize`), so a new token such as `[PAD]`
+    starts as an average token instead of a random one. Returns the number of new rows."""
+    import torch
+
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    new_rows = len(tokenizer)
+    num_new = new_rows - old_rows if num_new_tokens is None else num_new_tokens
+    if num_new <= 0:
+        return 0
+    model.resize_token_embeddings(new_rows, mean_resizing=False)
+    with torch.no_grad():
+        for embeddings in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if embeddings is None:
+                continue
+            weight = embeddings.weight
+            weight[-num_new:] = weight[:-num_new].mean(dim=0, keepdim=True)
+    return num_new
 
 
 def quantization_config(load_in_8bit: bool = False, load_in_4bit: bool = False, compute_dtype=None):
@@ -130,7 +165,10 @@ def linear_module_names(model) -> list[str]:
 
     names = set()
     for full_name, module in model.named_modules():
-        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear8bitLt", "Linear4bit")
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in (
+            "Linear8bitLt",
+            "Linear4bit",
+        )
         if is_linear and not full_name.endswith("lm_head"):
             names.add(full_name.rsplit(".", 1)[-1])
     return sorted(names)
@@ -172,10 +210,15 @@ def load_adapter(model, lora_weights: str, is_trainable: bool = False, adapter_n
 
     read_adapter_config(lora_weights)
     try:
-        return PeftModel.from_pretrained(model, lora_weights, is_trainable=is_trainable, adapter_name=adapter_name)
+        return PeftModel.from_pretrained(
+            model, lora_weights, is_trainable=is_trainable, adapter_name=adapter_name
+        )
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()
-        detail = next((line.strip() for line in first if "size mismatch" in line or "shape" in line), first[0] if first else "")
+        detail = next(
+            (line.strip() for line in first if "size mismatch" in line or "shape" in line),
+            first[0] if first else "",
+        )
         raise ValueError(
             f"--lora_weights={lora_weights!r} does not fit the base model "
             f"({type(model).__name__}): {detail}. Was it trained on another base model?"
@@ -185,3 +228,27 @@ def load_adapter(model, lora_weights: str, is_trainable: bool = False, adapter_n
 def merge_lora(peft_model):
     """Fold the LoRA weights into the base weights and return the plain transformers model."""
     return peft_model.merge_and_unload()
+
+
+def prepare_output_path(path: str, overwrite: bool, flag: str = "--output_dir", protect=()) -> Path:
+    """Refuse to replace an existing non-empty folder (or file) unless `overwrite`; then clear it."""
+    path = Path(path).expanduser()
+    exists = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if exists and not overwrite:
+        raise ValueError(
+            f"{flag}={str(path)!r} already exists and is not empty; pass --overwrite to replace it"
+        )
+    if exists:
+        resolved = path.resolve()
+        guarded = [Path.cwd().resolve(), Path.home().resolve()] + [
+            Path(p).expanduser().resolve() for p in protect if p
+        ]
+        if any(resolved == g or resolved in g.parents for g in guarded):
+            raise ValueError(
+                f"{flag}={str(path)!r} holds the working folder, home or an input model; refusing to clear it"
+            )
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return path

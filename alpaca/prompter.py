@@ -47,7 +47,9 @@ def load_template(template_name: str | None) -> dict:
     if missing:
         raise ValueError(f"prompt template {str(path)!r} lacks the string key(s) {missing}")
     if "{instruction}" not in template["prompt_input"] or "{input}" not in template["prompt_input"]:
-        raise ValueError(f"prompt template {str(path)!r}: prompt_input must use {{instruction}} and {{input}}")
+        raise ValueError(
+            f"prompt template {str(path)!r}: prompt_input must use {{instruction}} and {{input}}"
+        )
     if "{instruction}" not in template["prompt_no_input"]:
         raise ValueError(f"prompt template {str(path)!r}: prompt_no_input must use {{instruction}}")
     return template

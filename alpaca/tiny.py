@@ -44,7 +44,7 @@ def _corpus_lines() -> list[str]:
     return [line for line in lines if line.strip()]
 
 
-def train_tokenizer_model(vocab_size: int = 512) -> bytes:
+def train_tokenizer_model(vocab_size: int = 2000) -> bytes:
     """Train a LLaMA-style sentencepiece BPE model and return its serialized bytes."""
     import sentencepiece as spm
 
@@ -69,7 +69,7 @@ def train_tokenizer_model(vocab_size: int = 512) -> bytes:
     return model.getvalue()
 
 
-def build_tokenizer(output_dir: str | Path, vocab_size: int = 512):
+def build_tokenizer(output_dir: str | Path, vocab_size: int = 2000):
     """Write `tokenizer.model` plus the HF tokenizer files into `output_dir` and return the tokenizer."""
     from transformers import LlamaTokenizer
 

@@ -40,8 +40,12 @@ def make_random_adapter(base_model: str, output_dir, target_modules=("q_proj", "
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_model)
     config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=list(target_modules), lora_dropout=0.0,
-        task_type="CAUSAL_LM", init_lora_weights=False,
+        r=8,
+        lora_alpha=16,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
     )
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(str(output_dir))

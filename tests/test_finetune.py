@@ -1,0 +1,235 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune
+from alpaca.data import IGNORE_INDEX
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "alpaca_sample.json"
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """32 short records from the project's sample data."""
+    records = [r for r in json.loads(SAMPLE.read_text()) if len(r["output"]) < 200][:32]
+    path = tmp_path_factory.mktemp("data") / "small.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def run(base, data, out, **overrides):
+    """Run finetune.py's entry function with fast settings for a tiny model."""
+    args = dict(
+        base_model=base,
+        data_path=data,
+        output_dir=str(out),
+        batch_size=8,
+        micro_batch_size=4,
+        cutoff_len=128,
+        val_set_size=0,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        max_steps=10,
+        logging_steps=1,
+        save_steps=100,
+        seed=7,
+    )
+    args.update(overrides)
+    return finetune.train(**args)
+
+
+def logged_losses(out):
+    history = json.loads((Path(out) / "loss_history.json").read_text())
+    return [(e["step"], e["loss"]) for e in history if "loss" in e]
+
+
+def base_and_adapted_logits(base, adapter, text="### Instruction:\nName a color.\n\n### Response:\n"):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    ids = tokenizer(text, return_tensors="pt")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        before = model(**ids).logits
+        adapted = PeftModel.from_pretrained(model, adapter)
+        after = adapted(**ids).logits
+    return before, after
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_lora_run_learns_and_saves_a_real_adapter(arch, tiny_llama, tiny_opt, small_data, tmp_path):
+    base = tiny_llama if arch == "llama" else tiny_opt
+    out = tmp_path / "lora"
+    metrics = run(base, small_data, out, val_set_size=8, eval_steps=5, save_steps=5, max_steps=10)
+    assert metrics["global_step"] == 10
+    losses = [loss for _, loss in logged_losses(out)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+
+    weights = out / "adapter_model.safetensors"
+    assert weights.stat().st_size > 4096  # upstream's patched state_dict wrote 443 bytes
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(weights))
+    assert any("lora_B" in k for k in tensors) and any("lora_A" in k for k in tensors)
+    assert all(tensors[k].abs().sum() > 0 for k in tensors if "lora_B" in k)  # B starts at zero: trained
+    assert (out / "tokenizer_config.json").is_file() and (out / "adapter_config.json").is_file()
+
+    before, after = base_and_adapted_logits(base, str(out))
+    assert (before - after).abs().max() > 1e-3
+
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["base_model"] == base and config["use_lora"] is True
+    assert config["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert config["sources"]["val_set_size"] == "flag"
+    assert config["sources"]["lr_scheduler_type"] == "default (Alpaca-LoRA)"
+    assert config["data_report"]["records"] == 32
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((out / "loss_history.json").read_text())
+    assert any("eval_loss" in e for e in history)
+
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(str(out))
+    assert saved.pad_token_id is not None and saved.pad_token_id != saved.eos_token_id
+
+
+def test_resume_from_trainer_checkpoint_continues_at_the_saved_step(tiny_llama, small_data, tmp_path):
+    # A constant schedule, so the interrupted run's first steps match the uninterrupted run's.
+    full = tmp_path / "full"
+    run(tiny_llama, small_data, full, max_steps=6, save_steps=3, lr_scheduler_type="constant")
+    part = tmp_path / "part"
+    run(tiny_llama, small_data, part, max_steps=3, save_steps=3, lr_scheduler_type="constant")
+    assert (part / "checkpoint-3" / "trainer_state.json").is_file()
+    metrics = run(
+        tiny_llama,
+        small_data,
+        part,
+        max_steps=6,
+        save_steps=3,
+        lr_scheduler_type="constant",
+        resume_from_checkpoint=str(part / "checkpoint-3"),
+    )
+    assert metrics["global_step"] == 6
+    resumed_steps = [step for step, _ in logged_losses(part)]
+    assert resumed_steps[-3:] == [4, 5, 6]
+    # optimizer, scheduler, RNG and data order restored: same weights as the uninterrupted run
+    from safetensors.torch import load_file
+
+    a = load_file(str(full / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_resume_from_final_adapter_loads_weights_and_restarts(tiny_llama, small_data, tmp_path, capsys, fmt):
+    first = tmp_path / "first"
+    run(tiny_llama, small_data, first, max_steps=3)
+    if fmt == "bin":
+        from safetensors.torch import load_file
+
+        state = load_file(str(first / "adapter_model.safetensors"))
+        torch.save(state, first / "adapter_model.bin")
+        (first / "adapter_model.safetensors").unlink()
+    capsys.readouterr()
+    second = tmp_path / "second"
+    metrics = run(
+        tiny_llama, small_data, second, max_steps=1, learning_rate=1e-12, resume_from_checkpoint=str(first)
+    )
+    assert "schedule restarts" in capsys.readouterr().out
+    assert metrics["global_step"] == 1
+    # with a negligible learning rate the saved adapter equals the one it started from
+    from safetensors.torch import load_file
+
+    start = load_file(str(second / "adapter_model.safetensors"))
+    if fmt == "bin":
+        previous = torch.load(first / "adapter_model.bin", weights_only=True)
+    else:
+        previous = load_file(str(first / "adapter_model.safetensors"))
+    for key, value in previous.items():
+        torch.testing.assert_close(start[key], value, rtol=0, atol=1e-6)
+
+
+def test_train_on_inputs_false_reaches_the_pipeline(tiny_llama, small_data, tmp_path):
+    from alpaca.data import load_records, tokenize_example
+    from alpaca.modeling import load_tokenizer
+    from alpaca.prompter import Prompter
+
+    out = tmp_path / "masked"
+    run(tiny_llama, small_data, out, max_steps=1, train_on_inputs=False)
+    report = json.loads((out / "run_config.json").read_text())["data_report"]
+    tokenizer, prompter = load_tokenizer(tiny_llama), Prompter("alpaca")
+    examples = [tokenize_example(r, tokenizer, prompter, 128, False) for r in load_records(small_data)]
+    expected = sum(
+        sum(t != IGNORE_INDEX for t in ex["labels"]) for ex in examples if ex["status"] != "skipped"
+    )
+    assert report["trained_tokens"] == expected
+    assert expected < sum(len(ex["input_ids"]) for ex in examples if ex["status"] != "skipped")
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantized_lora_trains_on_cpu(bits, tiny_llama, small_data, tmp_path):
+    out = tmp_path / bits
+    flags = {"load_in_8bit": True} if bits == "8bit" else {"load_in_4bit": True}
+    metrics = run(tiny_llama, small_data, out, max_steps=4, **flags)
+    assert metrics["global_step"] == 4
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert all(tensors[k].abs().sum() > 0 for k in tensors if "lora_B" in k)
+    before, after = base_and_adapted_logits(tiny_llama, str(out))
+    assert (before - after).abs().max() > 1e-4
+
+
+def test_all_linear_targets(tiny_llama, small_data, tmp_path):
+    out = tmp_path / "all"
+    run(tiny_llama, small_data, out, max_steps=1, lora_target_modules="all-linear")
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert {name.rsplit(".", 1)[-1] for name in adapter_config["target_modules"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+
+
+def test_unknown_target_module_lists_the_models_linear_modules(tiny_opt, small_data, tmp_path):
+    with pytest.raises(ValueError) as err:
+        run(tiny_opt, small_data, tmp_path / "x", lora_target_modules=["q_proj", "gate_proj"])
+    message = str(err.value)
+    assert "gate_proj" in message and "fc1" in message and "out_proj" in message
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(micro_batch_size=16, batch_size=8), "--micro_batch_size=16 is larger than --batch_size=8"),
+        (dict(prompt_template_name="nope"), "unknown prompt template 'nope'"),
+        (dict(base_model=""), "--base_model is required"),
+        (dict(base_model="./no/such/model"), "no such folder"),
+        (dict(load_in_8bit=True, load_in_4bit=True), "exclusive"),
+        (dict(use_lora=False, load_in_4bit=True), "LoRA only"),
+    ],
+)
+def test_bad_flags_fail_before_training(overrides, message, tiny_llama, small_data, tmp_path):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run(tiny_llama, small_data, tmp_path / "x", **overrides)
+    assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "is empty"), ("nope", "not valid JSON"), ('[{"output": "x"}]', "record 0 has no 'instruction'")],
+)
+def test_bad_data_fails_before_training(content, message, tiny_llama, tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        run(tiny_llama, str(path), tmp_path / "x")
