@@ -559,7 +559,8 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, train_set, val_set, 
     """An HF Trainer over our datasets and collator, with the loss-history callback."""
     from transformers import Trainer
 
-    from alpaca.data import ExampleDataset, PackingCollator, PaddingCollator
+    from alpaca.data import ExampleDataset, PaddingCollator
+    from alpaca.packing import PackingCollator
 
     collator = PackingCollator() if config.packing else PaddingCollator(tokenizer.pad_token_id)
     return Trainer(
