@@ -125,4 +125,4 @@ def train(
 
 
 if __name__ == "__main__":
-    fire.Fire(train)
+    fire.Fire(train, serialize=lambda _: None)  # metrics are logged; printing them again per rank is noise

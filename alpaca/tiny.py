@@ -109,6 +109,9 @@ def tiny_config(arch: str, vocab_size: int):
             num_attention_heads=4,
             word_embed_proj_dim=64,
             max_position_embeddings=512,
+            # no dropout, so runs are deterministic and distributed runs can be compared exactly
+            dropout=0.0,
+            attention_dropout=0.0,
             **common,
         )
     raise ValueError(f"unknown tiny architecture {arch!r}: choose one of {ARCHES}")

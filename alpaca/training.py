@@ -43,6 +43,9 @@ FULL_DEFAULTS = {
 }
 DEFAULT_SOURCES = {True: "default (Alpaca-LoRA)", False: "default (Stanford Alpaca recipe)"}
 
+# Tests swap in a Trainer subclass here (the CPU FSDP shim); users never need to.
+TRAINER_CLASS = None
+
 # Stanford's train.py flag names, accepted as aliases of ours.
 ALIASES = {
     "model_name_or_path": "base_model",
@@ -339,6 +342,81 @@ def resolve_config(flags: dict, extra: dict) -> FinetuneConfig:
     )
 
 
+# ---------------------------------------------------------------- distributed settings
+
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard", "offload", "auto_wrap")
+
+
+def causal_lm_class(base_model: str, trust_remote_code: bool = False):
+    """The model class `from_pretrained` would build, found from the config alone (no weights)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+    except KeyError:
+        return None
+
+
+def configure_fsdp(config: FinetuneConfig) -> None:
+    """Turn Stanford's `--fsdp "full_shard auto_wrap"` into transformers 5's `fsdp=True` + `fsdp_config`,
+    default the wrap class to the model's own decoder layer, and check a given one exists.
+
+    Runs before any weights load, so a wrong class name costs seconds, not a model load.
+    """
+    extra = config.extra_training_args
+    fsdp = extra.get("fsdp")
+    if fsdp in (None, False, "", "False", "false", "no"):
+        extra.pop("fsdp", None)
+        return
+    options = (
+        fsdp.split() if isinstance(fsdp, str) else (list(fsdp) if isinstance(fsdp, (list, tuple)) else [])
+    )
+    unknown = [o for o in options if o not in FSDP_OPTIONS and o not in ("True", "true")]
+    if unknown:
+        raise ValueError(f"--fsdp: unknown option(s) {unknown}; choose from {list(FSDP_OPTIONS)}")
+    fsdp_config = dict(extra.get("fsdp_config") or {})
+    if "shard_grad_op" in options:
+        fsdp_config.setdefault("reshard_after_forward", False)
+    if "offload" in options:
+        fsdp_config.setdefault("cpu_offload", True)
+    model_cls = causal_lm_class(config.base_model, config.trust_remote_code)
+    layer_names = fsdp_config.get("transformer_layer_cls_to_wrap")
+    if isinstance(layer_names, str):
+        layer_names = [name.strip() for name in layer_names.split(",") if name.strip()]
+    if model_cls is not None:
+        module = sys.modules[model_cls.__module__]
+        if not layer_names:
+            layer_names = list(getattr(model_cls, "_no_split_modules", None) or [])[:1]
+            if layer_names:
+                config.sources["fsdp_transformer_layer_cls_to_wrap"] = (
+                    f"default ({model_cls.__name__}'s decoder layer)"
+                )
+        missing = [name for name in layer_names or [] if not hasattr(module, name)]
+        if missing:
+            known = sorted(getattr(model_cls, "_no_split_modules", None) or [])
+            raise ValueError(
+                f"--fsdp_transformer_layer_cls_to_wrap={missing}: {model_cls.__name__} has no such layer class; "
+                f"its decoder layer is {known}"
+            )
+    if layer_names:
+        fsdp_config["transformer_layer_cls_to_wrap"] = layer_names
+    extra["fsdp"] = True
+    extra["fsdp_config"] = fsdp_config
+    if config.world_size < 2:
+        log(
+            "warning: --fsdp needs several processes (torchrun --nproc_per_node=N); training in one process without it"
+        )
+        extra.pop("fsdp")
+        extra.pop("fsdp_config")
+    elif not _cuda_available():
+        log(
+            "warning: accelerate enables FSDP only on GPUs; on this CPU machine the ranks train with "
+            "DDP (every rank holds the whole model)"
+        )
+
+
 # ---------------------------------------------------------------- model preparation
 
 
@@ -555,15 +633,18 @@ def build_training_arguments(config: FinetuneConfig, precision: str, has_eval: b
     return TrainingArguments(**kwargs)
 
 
-def build_trainer(model, tokenizer, config: FinetuneConfig, train_set, val_set, args):
-    """An HF Trainer over our datasets and collator, with the loss-history callback."""
+def build_trainer(model, tokenizer, config: FinetuneConfig, train_set, val_set, args, trainer_class=None):
+    """An HF Trainer over our datasets and our collator."""
     from transformers import Trainer
 
-    from alpaca.data import ExampleDataset, PaddingCollator
-    from alpaca.packing import PackingCollator
+    trainer_class = trainer_class or TRAINER_CLASS or Trainer
 
+    from alpaca.data import ExampleDataset, PaddingCollator
+    from alpaca.packing import PackingCollator, check_packing_supported
+
+    check_packing_supported(model) if config.packing else None
     collator = PackingCollator() if config.packing else PaddingCollator(tokenizer.pad_token_id)
-    return Trainer(
+    return trainer_class(
         model=model,
         args=args,
         train_dataset=ExampleDataset(train_set),
@@ -667,6 +748,7 @@ def run_finetune(flags: dict, extra: dict) -> dict:
     from transformers import set_seed
 
     set_seed(config.seed)
+    configure_fsdp(config)
     tokenizer, model = prepare_tokenizer_and_model(config, dtype)
     train_set, val_set, report = build_datasets(
         records,
@@ -698,6 +780,9 @@ def run_finetune(flags: dict, extra: dict) -> dict:
     save_outputs(trainer, tokenizer, config)
     metrics = dict(result.metrics)
     metrics["global_step"] = trainer.state.global_step
+    metrics["num_processes"] = trainer.accelerator.num_processes
+    metrics["distributed_type"] = str(trainer.accelerator.distributed_type)
+    metrics["train_examples"] = len(train_set)
     if is_main_process():
         write_json(Path(config.output_dir) / "train_metrics.json", metrics)
     log(
