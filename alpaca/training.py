@@ -6,6 +6,7 @@ so tests can call it on a tiny model.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -376,7 +377,16 @@ def configure_fsdp(config: FinetuneConfig) -> None:
     unknown = [o for o in options if o not in FSDP_OPTIONS and o not in ("True", "true")]
     if unknown:
         raise ValueError(f"--fsdp: unknown option(s) {unknown}; choose from {list(FSDP_OPTIONS)}")
-    fsdp_config = dict(extra.get("fsdp_config") or {})
+    fsdp_config = extra.get("fsdp_config") or {}
+    if isinstance(fsdp_config, str):
+        path = Path(fsdp_config)
+        if not path.is_file():
+            raise ValueError(f"--fsdp_config={fsdp_config!r}: no such file (see configs/fsdp_*.json)")
+        try:
+            fsdp_config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--fsdp_config={fsdp_config!r} is not valid JSON: {err}") from err
+    fsdp_config = {k[5:] if k.startswith("fsdp_") else k: v for k, v in dict(fsdp_config).items()}
     if "shard_grad_op" in options:
         fsdp_config.setdefault("reshard_after_forward", False)
     if "offload" in options:

@@ -240,3 +240,21 @@ def test_world_size_must_divide_the_global_batch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="not a multiple of micro_batch_size x world size = 4 x 3"):
         resolve_config({"base_model": "a/b", "data_path": "d", "output_dir": "o", "batch_size": 128}, {})
+
+
+def test_fsdp_config_file_from_configs(tiny_llama, monkeypatch):
+    from alpaca.training import configure_fsdp
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    config = resolve_config(
+        {"base_model": tiny_llama, "use_lora": False, "data_path": "d.json", "output_dir": "o"},
+        {"fsdp": True, "fsdp_config": "configs/fsdp_full_shard.json"},
+    )
+    configure_fsdp(config)
+    fsdp_config = config.extra_training_args["fsdp_config"]
+    assert fsdp_config["version"] == 2 and fsdp_config["transformer_layer_cls_to_wrap"] == [
+        "LlamaDecoderLayer"
+    ]
+    config.extra_training_args.update(fsdp=True, fsdp_config="configs/nope.json")
+    with pytest.raises(ValueError, match="nope.json'.*no such file"):
+        configure_fsdp(config)
