@@ -187,20 +187,26 @@ def check_target_modules(model, target_modules) -> None:
         )
 
 
-def read_adapter_config(lora_weights: str) -> dict | None:
+def read_adapter_config(lora_weights: str, flag: str = "--lora_weights") -> dict | None:
     """The adapter's `adapter_config.json` when `lora_weights` is a local folder, else None."""
     path = Path(lora_weights).expanduser()
     if path.is_dir():
         config = path / "adapter_config.json"
         if not config.is_file():
-            raise ValueError(f"--lora_weights={lora_weights!r}: the folder has no adapter_config.json")
+            raise ValueError(f"{flag}={lora_weights!r}: the folder has no adapter_config.json")
         return json.loads(config.read_text(encoding="utf-8"))
     if lora_weights.startswith((".", "/", "~")):
-        raise ValueError(f"--lora_weights={lora_weights!r}: no such folder")
+        raise ValueError(f"{flag}={lora_weights!r}: no such folder")
     return None
 
 
-def load_adapter(model, lora_weights: str, is_trainable: bool = False, adapter_name: str = "default"):
+def load_adapter(
+    model,
+    lora_weights: str,
+    is_trainable: bool = False,
+    adapter_name: str = "default",
+    flag: str = "--lora_weights",
+):
     """Wrap `model` with the LoRA adapter in `lora_weights` (folder or hub id).
 
     An adapter trained on another base fails inside peft with a long size-mismatch trace; we turn that
@@ -208,9 +214,9 @@ def load_adapter(model, lora_weights: str, is_trainable: bool = False, adapter_n
     """
     from peft import PeftModel
 
-    read_adapter_config(lora_weights)
+    read_adapter_config(lora_weights, flag)
     try:
-        return PeftModel.from_pretrained(
+        peft_model = PeftModel.from_pretrained(
             model, lora_weights, is_trainable=is_trainable, adapter_name=adapter_name
         )
     except (RuntimeError, ValueError, KeyError) as err:
@@ -220,9 +226,32 @@ def load_adapter(model, lora_weights: str, is_trainable: bool = False, adapter_n
             first[0] if first else "",
         )
         raise ValueError(
-            f"--lora_weights={lora_weights!r} does not fit the base model "
+            f"{flag}={lora_weights!r} does not fit the base model "
             f"({type(model).__name__}): {detail}. Was it trained on another base model?"
         ) from err
+    check_adapter_fits(peft_model, lora_weights, adapter_name, flag)
+    return peft_model
+
+
+def check_adapter_fits(
+    peft_model, lora_weights: str, adapter_name: str = "default", flag: str = "--lora_weights"
+) -> None:
+    """Raise a ValueError when the adapter's weights do not all land in the model.
+
+    peft only warns when an adapter's tensor names match nothing in the model (an adapter trained on
+    another architecture): the model then runs silently without it. Compare the names instead.
+    """
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    saved = set(load_peft_weights(lora_weights, device="cpu"))
+    expected = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name))
+    missing = sorted(expected - saved)
+    if missing:
+        raise ValueError(
+            f"{flag}={lora_weights!r} does not fit the base model ({type(peft_model.get_base_model()).__name__}): "
+            f"{len(missing)} of its {len(expected)} LoRA tensors are missing, e.g. {missing[0]!r}. "
+            "Was it trained on another base model?"
+        )
 
 
 def merge_lora(peft_model):

@@ -10,11 +10,15 @@ from pathlib import Path
 TRAINED_ANSWERS = [
     ("Tell me about alpacas.", "", "Alpacas are soft, friendly camelids from the Andes."),
     ("Tell me five words that rhyme with 'shock'.", "", "Flock, lock, rock, stock, and sock."),
-    ("Translate the sentence into Spanish.", "I have no mouth but I must scream", "No tengo boca pero debo gritar."),
+    (
+        "Translate the sentence into Spanish.",
+        "I have no mouth but I must scream",
+        "No tengo boca pero debo gritar.",
+    ),
 ]
 
 
-def train_tiny_adapter(base_model: str, output_dir, steps: int = 60, seed: int = 0) -> str:
+def train_tiny_adapter(base_model: str, output_dir, steps: int = 150, seed: int = 0) -> str:
     """Train LoRA (all linear layers) on `TRAINED_ANSWERS` until memorized; reuse `output_dir` if done."""
     output_dir = Path(output_dir)
     if (output_dir / "adapter_config.json").is_file():
@@ -42,16 +46,27 @@ def train_tiny_adapter(base_model: str, output_dir, steps: int = 60, seed: int =
         examples.append((torch.tensor([ids]), torch.tensor([labels])))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
+    # The random base's logits are nearly flat, so the loss stays high long after the answers are
+    # the argmax; stop a few steps after every answer token is predicted (teacher forcing), which
+    # leaves a margin for greedy decoding with a KV cache.
+    extra_steps = None
     for _ in range(steps):
-        total = 0.0
+        all_predicted = True
         for ids, labels in examples:
-            loss = model(input_ids=ids, labels=labels).loss
-            loss.backward()
+            output = model(input_ids=ids, labels=labels)
+            output.loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            total += loss.item()
-        print(_, total / len(examples))
-        if total / len(examples) < 0.01:
-            break
+            answer = labels[0, 1:] != -100
+            predicted = output.logits[0, :-1].argmax(-1)[answer]
+            all_predicted &= bool((predicted == labels[0, 1:][answer]).all())
+        if extra_steps is None and all_predicted:
+            extra_steps = 10
+        if extra_steps is not None:
+            extra_steps -= 1
+            if extra_steps == 0:
+                break
+    else:
+        raise AssertionError(f"the tiny adapter did not learn its answers in {steps} steps")
     model.save_pretrained(str(output_dir))
     return str(output_dir)

@@ -1,0 +1,234 @@
+"""The Gradio page: upstream Alpaca-LoRA's form plus a tab comparing models side by side.
+
+Every error a user can cause is shown in the page as a `gr.Error` message; anything unexpected is
+logged on the server with its traceback and reported in the page in one line, so the page never
+shows a stack trace and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import gradio as gr
+
+from alpaca.generation import (
+    MAX_BEAMS,
+    DecodingSettings,
+    GenerationLimits,
+    ResponseGenerator,
+    make_settings,
+)
+
+logger = logging.getLogger(__name__)
+
+AUTH_ENV = "ALPACA_DEMO_AUTH"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TITLE = "🦙🌲 Alpaca-LoRA"
+DESCRIPTION = (
+    "Alpaca-LoRA is a LLaMA model fine-tuned with LoRA to follow instructions, trained on the "
+    "[Stanford Alpaca](https://github.com/tatsu-lab/stanford_alpaca) dataset. Serving: {models}."
+)
+# The instructions of the Alpaca-LoRA README's example outputs.
+EXAMPLE_INSTRUCTIONS = [
+    "Tell me about alpacas.",
+    "Tell me about the president of Mexico in 2019.",
+    "Tell me about the king of France in 2019.",
+    "List all Canadian provinces in alphabetical order.",
+    "Write a Python program that prints the first 10 Fibonacci numbers.",
+    "Write a program that prints the numbers from 1 to 100. But for multiples of three print 'Fizz' "
+    "instead of the number and for the multiples of five print 'Buzz'. For numbers which are multiples "
+    "of both three and five print 'FizzBuzz'.",
+    "Tell me five words that rhyme with 'shock'.",
+    "Translate the sentence 'I have no mouth but I must scream' into Spanish.",
+]
+
+
+def parse_auth(auth: str = "") -> tuple[str, str] | None:
+    """`user:password` (from `--auth`, else the ALPACA_DEMO_AUTH environment variable) -> a tuple."""
+    value = auth or os.environ.get(AUTH_ENV, "")
+    if not value:
+        return None
+    user, colon, password = value.partition(":")
+    if not colon or not user or not password:
+        raise ValueError(f"--auth (or ${AUTH_ENV}) must look like user:password, with both parts non-empty")
+    return user, password
+
+
+def user_facing_error(err: Exception) -> gr.Error:
+    """A `gr.Error` for the page: a ValueError's message as is; anything else in one line."""
+    if isinstance(err, ValueError):
+        return gr.Error(str(err), print_exception=False)
+    logger.exception("generation failed")
+    first_line = (str(err).strip().splitlines() or [""])[0][:300]
+    return gr.Error(
+        f"Generation failed ({type(err).__name__}: {first_line}). Details are in the server log.",
+        print_exception=False,
+    )
+
+
+def build_demo(
+    generators: Sequence[ResponseGenerator],
+    defaults: DecodingSettings | None = None,
+    limits: GenerationLimits | None = None,
+) -> gr.Blocks:
+    """The page: a Generate tab for `generators[0]` and, with several models, a Compare tab.
+
+    Endpoints for `gradio_client`: `/evaluate` (streams when Stream output is ticked) and `/compare`.
+    """
+    defaults = defaults or DecodingSettings()
+    limits = limits or GenerationLimits()
+    main = generators[0]
+
+    def evaluate(
+        instruction, input, temperature, top_p, top_k, num_beams, max_new_tokens, stream_output, seed
+    ):
+        try:
+            settings = make_settings(temperature, top_p, top_k, num_beams, max_new_tokens, seed, limits)
+            if stream_output:
+                yield from main.stream(instruction, input, settings)
+            else:
+                yield main.generate(instruction, input, settings)
+        except Exception as err:
+            raise user_facing_error(err) from None
+
+    def compare(instruction, input, temperature, top_p, top_k, num_beams, max_new_tokens, seed):
+        outputs = [""] * len(generators)
+        try:
+            settings = make_settings(temperature, top_p, top_k, num_beams, max_new_tokens, seed, limits)
+            for generator in generators:
+                generator.prompt_for(instruction, input)  # reject bad input before any generation
+            for index, generator in enumerate(generators):
+                outputs[index] = generator.generate(instruction, input, settings)
+                yield tuple(outputs)
+        except Exception as err:
+            raise user_facing_error(err) from None
+
+    with gr.Blocks(title="Alpaca-LoRA") as demo:
+        gr.Markdown(f"# {TITLE}\n" + DESCRIPTION.format(models=", ".join(g.name for g in generators)))
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    instruction = gr.Textbox(
+                        lines=2, label="Instruction", placeholder="Tell me about alpacas."
+                    )
+                    input_box = gr.Textbox(lines=2, label="Input", placeholder="none")
+                    knobs = _decoding_inputs(defaults, limits)
+                    stream_output = gr.Checkbox(label="Stream output", value=False)
+                    seed = _seed_input(defaults)
+                    with gr.Row():
+                        clear = gr.ClearButton(value="Clear")
+                        submit = gr.Button("Submit", variant="primary")
+                with gr.Column():
+                    output = gr.Textbox(lines=5, label="Output", interactive=False)
+            gr.Examples(examples=[[text] for text in EXAMPLE_INSTRUCTIONS], inputs=[instruction])
+            clear.add([instruction, input_box, output])
+            submit.click(
+                evaluate,
+                inputs=[instruction, input_box, *knobs, stream_output, seed],
+                outputs=output,
+                api_name="evaluate",
+            )
+        if len(generators) > 1:
+            with gr.Tab("Compare"):
+                gr.Markdown("The same instruction and settings, answered by each model in turn.")
+                compare_instruction = gr.Textbox(
+                    lines=2, label="Instruction", placeholder="Tell me about alpacas."
+                )
+                compare_input = gr.Textbox(lines=2, label="Input", placeholder="none")
+                with gr.Accordion("Decoding", open=False):
+                    compare_knobs = _decoding_inputs(defaults, limits)
+                    compare_seed = _seed_input(defaults)
+                compare_button = gr.Button("Compare", variant="primary")
+                with gr.Row():
+                    compare_outputs = [
+                        gr.Textbox(lines=8, label=g.name, interactive=False) for g in generators
+                    ]
+                gr.Examples(examples=[[text] for text in EXAMPLE_INSTRUCTIONS], inputs=[compare_instruction])
+                compare_button.click(
+                    compare,
+                    inputs=[compare_instruction, compare_input, *compare_knobs, compare_seed],
+                    outputs=compare_outputs,
+                    api_name="compare",
+                )
+    return demo
+
+
+def _decoding_inputs(defaults: DecodingSettings, limits: GenerationLimits) -> list:
+    """Upstream's sliders, with upstream's labels and ranges (Max tokens capped by the server limit)."""
+    return [
+        gr.Slider(
+            minimum=0,
+            maximum=1,
+            value=defaults.temperature,
+            label="Temperature",
+            info="0: greedy (deterministic); above 0: sampling",
+        ),
+        gr.Slider(minimum=0.01, maximum=1, value=defaults.top_p, label="Top p"),
+        gr.Slider(minimum=0, maximum=100, step=1, value=defaults.top_k, label="Top k"),
+        gr.Slider(
+            minimum=1,
+            maximum=MAX_BEAMS,
+            step=1,
+            value=defaults.num_beams,
+            label="Beams",
+            info="streaming uses one beam",
+        ),
+        gr.Slider(
+            minimum=1,
+            maximum=limits.max_new_tokens,
+            step=1,
+            value=min(defaults.max_new_tokens, limits.max_new_tokens),
+            label="Max tokens",
+        ),
+    ]
+
+
+def _seed_input(defaults: DecodingSettings) -> gr.Number:
+    return gr.Number(
+        value=-1 if defaults.seed is None else defaults.seed,
+        precision=0,
+        label="Seed",
+        info="-1: a fresh random sample each time; another value repeats its sample",
+    )
+
+
+def launch_demo(
+    demo: gr.Blocks,
+    server_name: str = "127.0.0.1",
+    server_port: int = 7860,
+    share: bool = False,
+    auth: tuple[str, str] | None = None,
+    concurrency_limit: int = 1,
+    max_queue_size: int = 64,
+    block: bool = True,
+) -> gr.Blocks:
+    """Queue and start the server; bind `server_name` only (loopback unless told otherwise).
+
+    With `block=False` the server runs in a background thread and `demo.close()` stops it.
+    """
+    if server_name not in LOOPBACK and auth is None:
+        logger.warning(
+            "serving on %s without --auth: anyone who can reach port %s can use the model",
+            server_name,
+            server_port,
+        )
+    if share and auth is None:
+        logger.warning("--share_gradio without --auth: anyone with the public link can use the model")
+    demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue_size)
+    demo.launch(
+        server_name=server_name,
+        server_port=server_port,
+        share=share,
+        auth=auth,
+        prevent_thread_lock=True,
+        show_error=False,
+        ssr_mode=False,
+        footer_links=["api"],
+        quiet=True,
+    )
+    print(f"serving on {demo.local_url}" + (f" and {demo.share_url}" if share and demo.share_url else ""))
+    if block:
+        demo.block_thread()
+    return demo

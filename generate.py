@@ -1,0 +1,170 @@
+"""Serve a base model plus LoRA weights in a Gradio page, or generate for a file of instructions.
+
+    # the page, on http://127.0.0.1:7860 (add --server_name=0.0.0.0 --auth=user:pw to serve others)
+    python generate.py --base_model=huggyllama/llama-7b --lora_weights=tloen/alpaca-lora-7b
+
+    # side by side: the base alone, the main adapter and two more, in the Compare tab
+    python generate.py --base_model=... --lora_weights=./lora-a --compare_lora_weights=./lora-b,./lora-c
+
+    # batch mode: AlpacaEval-format outputs; rerun the same command to resume after a crash
+    python generate.py --base_model=... --lora_weights=... --input_file=instructions.json \
+        --output_file=outputs.json --batch_size=8 --temperature=0
+
+See docs/generate.md for every flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def main(
+    load_8bit: bool = False,
+    base_model: str = "",
+    lora_weights: str = "tloen/alpaca-lora-7b",
+    prompt_template: str = "",
+    server_name: str = "127.0.0.1",
+    share_gradio: bool = False,
+    server_port: int = 7860,
+    load_4bit: bool = False,
+    auth: str = "",
+    precision: str = "auto",
+    trust_remote_code: bool = False,
+    compare_lora_weights: str = "",
+    compare_base_models: str = "",
+    max_input_tokens: int = 1024,
+    max_new_tokens_limit: int = 1024,
+    concurrency_limit: int = 1,
+    max_queue_size: int = 64,
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    top_k: int = 40,
+    num_beams: int = 4,
+    max_new_tokens: int = 128,
+    seed: int = -1,
+    input_file: str = "",
+    output_file: str = "",
+    batch_size: int = 8,
+    generator: str = "",
+):
+    """Serve the Alpaca-LoRA page, or with --input_file/--output_file, generate in batch mode.
+
+    Args:
+        load_8bit: load the base model in 8 bits (bitsandbytes).
+        base_model: base model folder or hub id; defaults to the BASE_MODEL environment variable.
+        lora_weights: LoRA adapter folder or hub id; "" runs the base (or a merged) model alone.
+        prompt_template: template name in templates/ or a JSON path; "" means alpaca.
+        server_name: address to bind; 127.0.0.1 keeps the page on this machine, 0.0.0.0 opens it to all.
+        share_gradio: also create a public gradio.live link.
+        server_port: port to serve on.
+        load_4bit: load the base model in 4 bits (NF4, bitsandbytes).
+        auth: "user:password" required to open the page; defaults to $ALPACA_DEMO_AUTH.
+        precision: auto (bf16/fp16 on GPUs, fp16 on MPS, fp32 on CPU), bf16, fp16 or fp32.
+        trust_remote_code: allow model code from the hub to run; off unless you trust the model.
+        compare_lora_weights: comma-separated extra adapters for the same base, shown in the Compare tab.
+        compare_base_models: comma-separated other models (no adapters), shown in the Compare tab.
+        max_input_tokens: reject prompts longer than this many tokens.
+        max_new_tokens_limit: the largest Max tokens a request may ask for.
+        concurrency_limit: requests each page event processes at once (generation on one model is
+            serialized; the rest wait in the queue).
+        max_queue_size: requests that may wait in the queue before new ones are turned away.
+        temperature: default Temperature; 0 decodes greedily, above 0 samples.
+        top_p: default Top p (used when sampling).
+        top_k: default Top k (used when sampling).
+        num_beams: default Beams.
+        max_new_tokens: default Max tokens.
+        seed: default Seed; -1 samples afresh each time.
+        input_file: batch mode: a JSON list or JSONL file of {"instruction", "input"} records.
+        output_file: batch mode: where to write the AlpacaEval-format JSON list (resumed if present).
+        batch_size: batch mode: records generated together.
+        generator: batch mode: the `generator` name written into each record; default from the model.
+    """
+    from alpaca.batch import read_instructions, run_batch
+    from alpaca.generation import GenerationLimits, describe, load_generators, make_settings
+
+    base_model = base_model or os.environ.get("BASE_MODEL", "")
+    check_flags(
+        base_model,
+        input_file,
+        output_file,
+        batch_size,
+        load_8bit,
+        load_4bit,
+        max_input_tokens,
+        max_new_tokens_limit,
+        concurrency_limit,
+        server_port,
+    )
+    limits = GenerationLimits(max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens_limit)
+    settings = make_settings(temperature, top_p, top_k, num_beams, max_new_tokens, seed, limits)
+    batch_mode = bool(input_file)
+    # Fail on a malformed input file or --auth before the slow model load.
+    if batch_mode:
+        read_instructions(input_file)
+    else:
+        from alpaca.demo import build_demo, launch_demo, parse_auth
+
+        auth_pair = parse_auth(auth)
+    generators = load_generators(
+        base_model,
+        lora_weights=lora_weights,
+        compare_lora_weights="" if batch_mode else compare_lora_weights,
+        compare_base_models="" if batch_mode else compare_base_models,
+        prompt_template=prompt_template,
+        load_8bit=load_8bit,
+        load_4bit=load_4bit,
+        precision=precision,
+        trust_remote_code=trust_remote_code,
+        limits=limits,
+    )
+    print(json.dumps(describe(generators, settings, limits), indent=2))
+    if batch_mode:
+        run_batch(generators[0], input_file, output_file, settings, batch_size, generator)
+        print(f"wrote {output_file}")
+        return None
+
+    demo = build_demo(generators, settings, limits)
+    launch_demo(demo, server_name, server_port, share_gradio, auth_pair, concurrency_limit, max_queue_size)
+    return None
+
+
+def check_flags(
+    base_model,
+    input_file,
+    output_file,
+    batch_size,
+    load_8bit,
+    load_4bit,
+    max_input_tokens,
+    max_new_tokens_limit,
+    concurrency_limit,
+    server_port,
+) -> None:
+    """Collect every problem with the flags into one ValueError."""
+    problems = []
+    if not base_model:
+        problems.append("--base_model is required (or set BASE_MODEL), e.g. --base_model=huggyllama/llama-7b")
+    if bool(input_file) != bool(output_file):
+        problems.append("batch mode needs both --input_file and --output_file")
+    if batch_size < 1:
+        problems.append(f"--batch_size must be at least 1, got {batch_size}")
+    if load_8bit and load_4bit:
+        problems.append("--load_8bit and --load_4bit are exclusive: choose one")
+    if max_input_tokens < 1 or max_new_tokens_limit < 1:
+        problems.append("--max_input_tokens and --max_new_tokens_limit must be at least 1")
+    if concurrency_limit < 1:
+        problems.append(f"--concurrency_limit must be at least 1, got {concurrency_limit}")
+    if not 1 <= server_port <= 65535:
+        problems.append(f"--server_port must be a port number, got {server_port}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+if __name__ == "__main__":
+    import fire
+
+    try:
+        fire.Fire(main)
+    except ValueError as err:  # a user's mistake: the message names the flag, file or record
+        raise SystemExit(f"generate.py: error: {err}") from None

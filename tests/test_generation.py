@@ -1,0 +1,307 @@
+"""Generation on tiny models: decoding settings, streaming, batching, seeds, adapters, batch mode."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_random_adapter
+from tiny_trained import TRAINED_ANSWERS, train_tiny_adapter
+
+from alpaca.batch import read_instructions, run_batch
+from alpaca.generation import (
+    DecodingSettings,
+    GenerationLimits,
+    ResponseGenerator,
+    build_generation_config,
+    load_generators,
+    make_settings,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+GREEDY = DecodingSettings(temperature=0, num_beams=1, max_new_tokens=24)
+# Different lengths, with and without input, so the batch really gets left padding.
+REQUESTS = [
+    ("Tell me about alpacas.", None),
+    ("List all Canadian provinces in alphabetical order, then explain why the order matters.", ""),
+    ("Translate.", "I have no mouth"),
+    ("Hi", None),
+]
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_llama, tmp_path_factory):
+    return train_tiny_adapter(tiny_llama, tmp_path_factory.getbasetemp() / "trained-adapter")
+
+
+@pytest.fixture(scope="module")
+def generators(tiny_llama, trained_adapter, tiny_llama_adapter):
+    """Main = base + trained adapter; then the random adapter on the same base; then the base alone."""
+    return load_generators(tiny_llama, lora_weights=trained_adapter, compare_lora_weights=tiny_llama_adapter)
+
+
+@pytest.fixture(scope="module")
+def main(generators):
+    return generators[0]
+
+
+def test_sampling_only_above_zero_temperature(main):
+    greedy = build_generation_config(main.tokenizer, make_settings(temperature=0, num_beams=4))
+    assert greedy.do_sample is False and greedy.num_beams == 4
+    sampled = build_generation_config(main.tokenizer, make_settings(temperature=0.7, top_p=0.5, top_k=7))
+    assert (sampled.do_sample, sampled.temperature, sampled.top_p, sampled.top_k) == (True, 0.7, 0.5, 7)
+    streamed = build_generation_config(main.tokenizer, make_settings(num_beams=4), streaming=True)
+    assert streamed.num_beams == 1
+    assert sampled.eos_token_id == main.tokenizer.eos_token_id
+    assert sampled.pad_token_id == main.tokenizer.pad_token_id != main.tokenizer.eos_token_id
+
+
+def test_settings_errors_are_collected_into_one_message():
+    with pytest.raises(ValueError) as err:
+        make_settings(
+            temperature=-0.5, top_p=0, num_beams=9, max_new_tokens=300, limits=GenerationLimits(16, 256)
+        )
+    message = str(err.value)
+    for part in ("temperature", "top_p", "num_beams", "from 1 to 256"):
+        assert part in message
+    assert make_settings(seed=-1).seed is None and make_settings(seed=7.0).seed == 7
+    assert make_settings(num_beams=2.0, top_k=3.0) == DecodingSettings(num_beams=2, top_k=3)
+
+
+def test_trained_adapter_reply_is_the_response_only(main):
+    """The trained answers come back exactly: no prompt, no '### Response:', no </s>."""
+    for instruction, input, answer in TRAINED_ANSWERS:
+        assert main.generate(instruction, input, GREEDY) == answer
+    beams = make_settings(temperature=0, num_beams=4, max_new_tokens=24)
+    assert main.generate(*TRAINED_ANSWERS[0][:2], beams) == TRAINED_ANSWERS[0][2]
+
+
+def test_generation_stops_at_eos(main):
+    long_enough = make_settings(temperature=0, num_beams=1, max_new_tokens=200)
+    reply = main.generate_replies([TRAINED_ANSWERS[0][:2]], long_enough)[0]
+    assert reply.text == TRAINED_ANSWERS[0][2]
+    assert 5 < reply.num_tokens < 30
+
+
+def test_stream_grows_and_ends_with_the_plain_reply(main, generators):
+    for generator in (main, generators[-1]):  # stops at EOS (trained) and at the token limit (base)
+        for instruction, input in REQUESTS[:2]:
+            pieces = list(generator.stream(instruction, input, GREEDY))
+            assert len(pieces) > 2
+            assert all(later.startswith(earlier) for earlier, later in zip(pieces, pieces[1:]))
+            assert pieces[-1] == generator.generate(instruction, input, GREEDY)
+
+
+def test_stream_stops_generating_when_the_reader_leaves(main):
+    stream = main.stream("Hi", None, make_settings(temperature=0, max_new_tokens=200))
+    next(stream)
+    stream.close()  # joins the generation thread, which must stop at the next token
+    assert not main.lock.locked()
+
+
+def test_batched_equals_one_at_a_time_under_greedy(generators):
+    for generator in generators:
+        one_by_one = [generator.generate(instruction, input, GREEDY) for instruction, input in REQUESTS]
+        assert generator.generate_batch(REQUESTS, GREEDY) == one_by_one
+        assert len(set(one_by_one)) >= 3  # rows differ, so a mix-up between rows would show
+
+
+def test_batched_equals_one_at_a_time_for_opt(tiny_opt):
+    (generator,) = load_generators(tiny_opt, lora_weights="")
+    one_by_one = [generator.generate(instruction, input, GREEDY) for instruction, input in REQUESTS]
+    assert generator.generate_batch(REQUESTS, GREEDY) == one_by_one
+
+
+def test_seeds_reproduce_samples_and_different_seeds_differ(generators):
+    base = generators[-1]
+
+    def sample(seed):
+        return base.generate(
+            "Hi", None, make_settings(temperature=1.0, num_beams=1, max_new_tokens=16, seed=seed)
+        )
+
+    assert sample(1) == sample(1)
+    assert len({sample(1), sample(2), sample(3)}) == 3
+
+
+def test_adapters_share_one_base_without_leaking(generators, tiny_llama, tiny_llama_adapter):
+    main, random_adapter, base_alone = generators
+    assert base_alone.adapter_name is None and base_alone.model is main.model and base_alone.lock is main.lock
+    replies = [g.generate("Tell me about alpacas.", None, GREEDY) for g in generators]
+    assert len(set(replies)) == 3
+    # Each adapter's reply equals the reply of a model that loaded that adapter alone.
+    (alone,) = load_generators(tiny_llama, lora_weights=tiny_llama_adapter)[:1]
+    assert alone.generate("Tell me about alpacas.", None, GREEDY) == replies[1]
+    (plain,) = load_generators(tiny_llama, lora_weights="")
+    assert plain.generate("Tell me about alpacas.", None, GREEDY) == replies[2]
+
+
+def test_bad_requests_raise_clear_errors(main):
+    with pytest.raises(ValueError, match="instruction is empty"):
+        main.generate("   ", None, GREEDY)
+    limits = GenerationLimits(max_input_tokens=40)
+    short = ResponseGenerator(
+        main.model, main.tokenizer, main.prompter, "short", "adapter0", main.lock, limits
+    )
+    with pytest.raises(ValueError, match=r"over the limit of 40 tokens \(--max_input_tokens\)"):
+        short.generate("Tell me about alpacas.", "word " * 50, GREEDY)
+
+
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")
+def test_loading_errors_name_the_flag(tiny_llama, tiny_opt, tmp_path):
+    with pytest.raises(ValueError, match="--base_model"):
+        load_generators(str(tmp_path / "missing-model"), lora_weights="")
+    with pytest.raises(ValueError, match="--lora_weights.*no such folder"):
+        load_generators(tiny_llama, lora_weights=str(tmp_path / "missing-adapter"))
+    opt_adapter = make_random_adapter(tiny_opt, tmp_path / "opt-adapter")
+    with pytest.raises(ValueError, match="does not fit the base model.*another base model"):
+        load_generators(tiny_llama, lora_weights=opt_adapter)
+    with pytest.raises(ValueError, match="--compare_lora_weights=.*does not fit the base model"):
+        load_generators(tiny_llama, lora_weights="", compare_lora_weights=opt_adapter)
+
+
+# Batch mode -----------------------------------------------------------------------------------
+
+
+def write_records(path: Path, records, jsonl=False) -> str:
+    text = "\n".join(json.dumps(r) for r in records) if jsonl else json.dumps(records)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+RECORDS = [
+    {"instruction": instruction, "input": input, "dataset": "tiny"} if input else {"instruction": instruction}
+    for instruction, input in REQUESTS
+] + [
+    {"instruction": answer[0], "input": answer[1], "output": "a reference answer"}
+    for answer in TRAINED_ANSWERS
+]
+
+
+def test_batch_writes_alpaca_eval_format_equal_to_one_at_a_time(main, tmp_path):
+    input_file = write_records(tmp_path / "in.jsonl", RECORDS, jsonl=True)
+    results = run_batch(
+        main, input_file, str(tmp_path / "out.json"), GREEDY, batch_size=3, generator_name="tiny"
+    )
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written == results and len(written) == len(RECORDS)
+    for record, result in zip(RECORDS, written):
+        assert result["instruction"] == record["instruction"] and result["generator"] == "tiny"
+        assert result.get("input") == record.get("input") and result.get("dataset") == record.get("dataset")
+        assert result["output"] == main.generate(record["instruction"], record.get("input"), GREEDY)
+    assert [r["output"] for r in written[-3:]] == [answer for _, _, answer in TRAINED_ANSWERS]
+
+
+def test_batch_resumes_after_a_crash(main, tmp_path, monkeypatch):
+    input_file = write_records(tmp_path / "in.json", RECORDS)
+    output_file = tmp_path / "out.json"
+    calls = []
+    original = type(main).generate_batch
+
+    def crash_on_second_batch(self, requests, settings=None):
+        calls.append([instruction for instruction, _ in requests])
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, requests, settings)
+
+    monkeypatch.setattr(type(main), "generate_batch", crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_batch(main, input_file, str(output_file), GREEDY, batch_size=2, generator_name="tiny")
+    assert [r["instruction"] for r in json.loads(output_file.read_text())] == [
+        r["instruction"] for r in RECORDS[:2]
+    ]
+    monkeypatch.setattr(type(main), "generate_batch", original)
+
+    calls.clear()
+
+    def counting(self, requests, settings=None):
+        calls.append(len(requests))
+        return original(self, requests, settings)
+
+    monkeypatch.setattr(type(main), "generate_batch", counting)
+    results = run_batch(main, input_file, str(output_file), GREEDY, batch_size=2, generator_name="tiny")
+    assert sum(calls) == len(RECORDS) - 2  # the first batch was not generated again
+    assert [r["instruction"] for r in results] == [r["instruction"] for r in RECORDS]
+    calls.clear()
+    run_batch(main, input_file, str(output_file), GREEDY, batch_size=2, generator_name="tiny")
+    assert calls == []
+
+
+def test_batch_refuses_an_output_file_for_other_instructions(main, tmp_path):
+    input_file = write_records(tmp_path / "in.json", RECORDS)
+    output_file = tmp_path / "out.json"
+    output_file.write_text(json.dumps([{"instruction": "something else", "output": "x", "generator": "g"}]))
+    with pytest.raises(ValueError, match="record 0 does not match"):
+        run_batch(main, input_file, str(output_file), GREEDY)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"instruction": "ok"}, {"input": "no instruction"}]', "record 1: 'instruction' must be"),
+        ('{"instruction": "ok"}\n\n{"instruction": "   "}\n', r"record 1 \(line 3\): 'instruction' must be"),
+        ('{"instruction": "ok"}\n{"instruction": oops}\n', "line 2: not valid JSON"),
+        ('[{"instruction": "ok"}, ["a list"]]', "record 1: expected an object"),
+        ('[{"instruction": "ok", "input": 5}]', "record 0: 'input' must be a string"),
+        ('[{"instruction": "ok"}', "is not valid JSON"),
+        ("[]", "holds no records"),
+    ],
+)
+def test_malformed_input_files_name_the_record(tmp_path, content, message):
+    path = tmp_path / "in.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_instructions(str(path))
+
+
+def test_batch_checks_every_prompt_before_generating(main, tmp_path, monkeypatch):
+    records = [{"instruction": "fine"}, {"instruction": "long", "input": "word " * 2000}]
+    input_file = write_records(tmp_path / "in.json", records)
+    monkeypatch.setattr(type(main), "generate_batch", lambda *args: pytest.fail("generated before checking"))
+    with pytest.raises(ValueError, match="record 1: the prompt is .* over the limit"):
+        run_batch(main, input_file, str(tmp_path / "out.json"), GREEDY)
+    assert not (tmp_path / "out.json").exists()
+
+
+# The generate.py entry point ------------------------------------------------------------------
+
+
+def test_generate_py_imports_nothing_heavy():
+    code = "import sys, generate; print(sorted(m for m in ('torch', 'gradio', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_generate_py_batch_mode(tiny_llama, trained_adapter, tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO))
+    import generate
+
+    input_file = write_records(
+        tmp_path / "in.json", [{"instruction": i, "input": x} for i, x, _ in TRAINED_ANSWERS]
+    )
+    output_file = tmp_path / "outputs" / "out.json"
+    monkeypatch.setenv("BASE_MODEL", tiny_llama)
+    generate.main(
+        lora_weights=trained_adapter,
+        input_file=input_file,
+        output_file=str(output_file),
+        temperature=0,
+        num_beams=2,
+        max_new_tokens=24,
+        batch_size=2,
+    )
+    written = json.loads(output_file.read_text())
+    assert [r["output"] for r in written] == [answer for _, _, answer in TRAINED_ANSWERS]
+    assert {r["generator"] for r in written} == {Path(tiny_llama).name + " + trained-adapter"}
+
+
+def test_generate_py_collects_flag_errors(monkeypatch):
+    sys.path.insert(0, str(REPO))
+    import generate
+
+    monkeypatch.delenv("BASE_MODEL", raising=False)
+    with pytest.raises(ValueError) as err:
+        generate.main(input_file="in.json", batch_size=0, load_8bit=True, load_4bit=True)
+    for part in ("--base_model is required", "--output_file", "--batch_size", "exclusive"):
+        assert part in str(err.value)
