@@ -1,0 +1,44 @@
+"""Merge a LoRA adapter into its base model and save a Hugging Face checkpoint that checks itself.
+
+    python export_hf_checkpoint.py --base_model=huggyllama/llama-7b --lora_weights=./lora-alpaca \
+        --output_dir=./hf_ckpt
+
+Saves safetensors shards, the tokenizer and the generation config, then reloads the folder and requires
+its logits to equal the adapter model's (and every adapted layer to have changed); a failure is an error.
+"""
+
+import os
+
+
+def main(
+    base_model: str = "",
+    lora_weights: str = "tloen/alpaca-lora-7b",
+    output_dir: str = "./hf_ckpt",
+    max_shard_size: str = "400MB",
+    dtype: str = "fp16",
+    overwrite: bool = False,
+):
+    """Export the merged model as a Hugging Face checkpoint.
+
+    Args:
+        base_model: base model folder or hub id; defaults to the BASE_MODEL environment variable (as upstream).
+        lora_weights: LoRA adapter folder or hub id.
+        output_dir: folder to write; must be empty or absent unless --overwrite.
+        max_shard_size: largest safetensors shard, e.g. "400MB", "5GB".
+        dtype: precision to merge and save in: fp16 (upstream's), bf16 or fp32.
+        overwrite: replace the contents of an existing non-empty output_dir.
+    """
+    from alpaca.export import export_hf
+
+    base_model = base_model or os.environ.get("BASE_MODEL", "")
+    if not base_model:
+        raise ValueError(
+            "--base_model is required (or set BASE_MODEL), e.g. --base_model=huggyllama/llama-7b"
+        )
+    export_hf(base_model, lora_weights, output_dir, max_shard_size, dtype, overwrite)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
