@@ -520,6 +520,8 @@ def prepare_tokenizer_and_model(config: FinetuneConfig, dtype):
     if num_new or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         resize_embeddings_for_new_tokens(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
+    # Training never reads a KV cache; building one wastes memory (upstream set this too).
+    model.config.use_cache = False
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -619,7 +621,7 @@ def build_training_arguments(config: FinetuneConfig, precision: str, has_eval: b
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
-        load_best_model_at_end=has_eval and not config.packing,
+        load_best_model_at_end=has_eval,
         report_to=config.report_to,
         run_name=config.wandb_run_name or None,
         seed=config.seed,
@@ -652,7 +654,8 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, train_set, val_set, 
     from alpaca.data import ExampleDataset, PaddingCollator
     from alpaca.packing import PackingCollator, check_packing_supported
 
-    check_packing_supported(model) if config.packing else None
+    if config.packing:
+        check_packing_supported(model)
     collator = PackingCollator() if config.packing else PaddingCollator(tokenizer.pad_token_id)
     return trainer_class(
         model=model,
@@ -730,6 +733,7 @@ def save_outputs(trainer, tokenizer, config: FinetuneConfig) -> None:
     """Save the adapter (or full model) once through its own save method, the tokenizer, the loss
     history and plot. Upstream patched `model.state_dict`, which made newer peft write an empty
     (443-byte) adapter; `save_model` gathers FSDP/DeepSpeed shards and writes on rank 0 only."""
+    trainer.model.config.use_cache = True  # the saved model generates with a KV cache
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
