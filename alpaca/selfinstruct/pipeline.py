@@ -1,0 +1,384 @@
+"""The self-instruct generation loop: prompts out, filtered records in, in request order.
+
+Requests are numbered 0, 1, 2, ...; request k's prompt depends only on the run seed, k and (when
+machine-generated examples are mixed in) records from requests before k - MACHINE_EXAMPLE_LAG.
+Replies are applied strictly in request order, so with a deterministic server the output is the same
+for any ``max_concurrent_requests``, and a resumed run continues exactly where the journal ends.
+"""
+
+import asyncio
+import bisect
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from alpaca.selfinstruct.client import APIFailure, CompletionClient, Reply, RetryPolicy
+from alpaca.selfinstruct.cost import CostMeter, resolve_prices
+from alpaca.selfinstruct.journal import Journal, JournalState, add_counts, write_json_atomically
+from alpaca.selfinstruct.parsing import parse_reply
+from alpaca.selfinstruct.prompts import MACHINE_EXAMPLE_LAG, encode_prompt, request_rng, sample_examples
+from alpaca.selfinstruct.seeds import load_seed_tasks
+from alpaca.selfinstruct.similarity import SimilarityIndex
+
+DEFAULT_MODEL = "gpt-4o-mini"
+CONFIG_NAME = "generate_instruction_config.json"
+SUMMARY_NAME = "generate_instruction_summary.json"
+# Items after N+1 are numbered up to 19 (the stop sequences end the list before 20).
+MAX_PROMPT_INSTRUCTIONS = 18
+
+
+@dataclass
+class GenerationConfig:
+    """Every setting of a run (see ``generate_instruction.py`` for what each one means)."""
+
+    output_dir: str = "./"
+    seed_tasks_path: str = "./seed_tasks.jsonl"
+    num_instructions_to_generate: int = 100
+    model_name: str = DEFAULT_MODEL
+    num_prompt_instructions: int = 3
+    request_batch_size: int = 5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_cpus: int = 16
+    api: str = "chat"
+    base_url: str | None = None
+    max_tokens: int = 3072
+    max_concurrent_requests: int = 8
+    max_retries: int = 5
+    request_timeout: float = 120.0
+    initial_retry_delay: float = 1.0
+    seed: int | None = None
+    max_cost_usd: float | None = None
+    prompt_price_per_1m: float | None = None
+    completion_price_per_1m: float | None = None
+    num_machine_instructions: int = 0
+    export_alpaca_data: bool = True
+    save_every_s: float = 10.0
+    progress: bool = True
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, each with the flag name and what is allowed."""
+        checks = [
+            (self.num_instructions_to_generate >= 1, "--num_instructions_to_generate must be at least 1"),
+            (
+                1 <= self.num_prompt_instructions <= MAX_PROMPT_INSTRUCTIONS,
+                f"--num_prompt_instructions must be between 1 and {MAX_PROMPT_INSTRUCTIONS} (the list stops at 20)",
+            ),
+            (self.request_batch_size >= 1, "--request_batch_size must be at least 1"),
+            (0.0 <= self.temperature <= 2.0, "--temperature must be between 0 and 2"),
+            (0.0 < self.top_p <= 1.0, "--top_p must be in (0, 1]"),
+            (self.num_cpus >= 1, "--num_cpus must be at least 1"),
+            (self.api in ("chat", "completions"), f"--api must be 'chat' or 'completions', not {self.api!r}"),
+            (self.max_tokens >= 16, "--max_tokens must be at least 16"),
+            (self.max_concurrent_requests >= 1, "--max_concurrent_requests must be at least 1"),
+            (self.max_retries >= 0, "--max_retries must be 0 or more"),
+            (self.request_timeout > 0, "--request_timeout must be positive (seconds)"),
+            (self.save_every_s >= 0, "--save_every_s must be 0 or more (seconds)"),
+            (self.initial_retry_delay >= 0, "--initial_retry_delay must be 0 or more (seconds)"),
+            (self.max_cost_usd is None or self.max_cost_usd > 0, "--max_cost_usd must be positive"),
+            (
+                0 <= self.num_machine_instructions <= self.num_prompt_instructions,
+                "--num_machine_instructions must be between 0 and --num_prompt_instructions",
+            ),
+        ]
+        for name in ("prompt_price_per_1m", "completion_price_per_1m"):
+            value = getattr(self, name)
+            checks.append((value is None or value >= 0, f"--{name} must be 0 or more"))
+        if self.max_cost_usd is not None:
+            prices = resolve_prices(self.model_name, self.prompt_price_per_1m, self.completion_price_per_1m)
+            checks.append(
+                (
+                    prices is not None,
+                    f"--max_cost_usd needs a price, and {self.model_name!r} has no built-in one: pass "
+                    "--prompt_price_per_1m and --completion_price_per_1m (USD per 1M tokens)",
+                )
+            )
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class RunState:
+    """Everything the loop mutates, in one place."""
+
+    records: list[dict]
+    record_requests: list[int]
+    next_to_apply: int
+    totals: dict
+    session: dict
+    meter: CostMeter
+    stop_reason: str = ""
+    last_refresh: float = 0.0
+    batch_generated: int = 0
+    batch_kept: int = 0
+    batch_started: float = 0.0
+
+
+def generate(config: GenerationConfig) -> dict:
+    """Run self-instruct generation to ``config``'s target and return the run summary.
+
+    Raises:
+        ValueError: for invalid settings or seed files (every problem is listed).
+        APIFailure: when a request cannot succeed; everything kept so far is saved first.
+    """
+    problems = config.problems()
+    if problems:
+        raise ValueError("invalid settings:\n  - " + "\n  - ".join(problems))
+    seed_examples = load_seed_tasks(config.seed_tasks_path)
+    if len(seed_examples) < config.num_prompt_instructions - config.num_machine_instructions:
+        raise ValueError(
+            f"{config.seed_tasks_path} has {len(seed_examples)} seed tasks, fewer than the "
+            f"{config.num_prompt_instructions} examples per prompt (--num_prompt_instructions)."
+        )
+    print(f"Loaded {len(seed_examples)} human-written seed instructions")
+    journal = Journal(config.output_dir)
+    previous = journal.load()
+    seed = resolve_seed(config.seed, previous)
+    save_config(config, seed)
+    journal.start(seed, imported=previous.records if previous.adopted else [])
+    if previous.records:
+        print(f"Loaded {len(previous.records)} machine-generated instructions")
+    index = SimilarityIndex(workers=min(config.num_cpus, os.cpu_count() or 1))
+    index.add([example["instruction"] for example in seed_examples])
+    index.add([record["instruction"] for record in previous.records])
+    prices = resolve_prices(config.model_name, config.prompt_price_per_1m, config.completion_price_per_1m)
+    meter = CostMeter(
+        prices, previous.totals.get("prompt_tokens", 0), previous.totals.get("completion_tokens", 0)
+    )
+    state = RunState(
+        previous.records, previous.record_requests, previous.next_request, previous.totals, {}, meter
+    )
+    failure = None
+    try:
+        asyncio.run(run_requests(config, seed, seed_examples, index, journal, state))
+    except APIFailure as error:
+        failure, state.stop_reason = error, f"stopped: {error}"
+    finally:
+        journal.close()
+        journal.write_regen(state.records)
+    if config.export_alpaca_data:
+        journal.write_alpaca_export(state.records)
+    summary = build_summary(config, seed, state)
+    write_json_atomically(Path(config.output_dir) / SUMMARY_NAME, summary)
+    print_summary(summary)
+    if failure is not None:
+        raise failure
+    return summary
+
+
+def resolve_seed(requested: int | None, previous: JournalState) -> int:
+    """The run seed: the flag, else the one a resumed run recorded, else a fresh random one (saved)."""
+    if requested is None:
+        return previous.seed if previous.seed is not None else random.SystemRandom().randrange(2**31)
+    if previous.seed is not None and previous.seed != requested:
+        print(
+            f"Note: earlier requests in this folder used --seed={previous.seed}; continuing with {requested}."
+        )
+    return requested
+
+
+def save_config(config: GenerationConfig, seed: int) -> None:
+    """Print the resolved settings once and save them next to the output (there is no key in them)."""
+    resolved = dataclasses.asdict(config) | {
+        "seed": seed,
+        "prices_per_1m_tokens": resolve_prices(
+            config.model_name, config.prompt_price_per_1m, config.completion_price_per_1m
+        ),
+    }
+    print("Settings: " + json.dumps(resolved))
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomically(Path(config.output_dir) / CONFIG_NAME, resolved)
+
+
+def build_prompt(
+    config: GenerationConfig,
+    seed: int,
+    request_index: int,
+    seed_examples: list[dict],
+    records: list[dict] = (),
+    record_requests: list[int] = (),
+) -> str:
+    """Request k's prompt; machine examples come only from requests before k - MACHINE_EXAMPLE_LAG.
+
+    Args:
+        records / record_requests: the kept records so far and the request index of each.
+    """
+    machine_examples = []
+    if config.num_machine_instructions:
+        eligible = bisect.bisect_left(record_requests, request_index - MACHINE_EXAMPLE_LAG)
+        machine_examples = records[:eligible]
+    examples = sample_examples(
+        request_rng(seed, request_index),
+        seed_examples,
+        machine_examples,
+        config.num_prompt_instructions,
+        config.num_machine_instructions,
+    )
+    return encode_prompt(examples)
+
+
+def api_seed(seed: int, request_index: int) -> int:
+    """The ``seed`` sent with request k, for servers that make sampling reproducible with it."""
+    return random.Random(f"api:{seed}:{request_index}").randrange(2**31)
+
+
+def should_stop(config: GenerationConfig, state: RunState) -> bool:
+    """Upstream checked the target between batches of ``request_batch_size`` requests; so do we
+    (batches are fixed ranges of request indices, so a resumed run stops where an unbroken one would)."""
+    if (
+        len(state.records) >= config.num_instructions_to_generate
+        and state.next_to_apply % config.request_batch_size == 0
+    ):
+        state.stop_reason = f"reached {config.num_instructions_to_generate} instructions"
+        return True
+    usd = state.meter.usd
+    if config.max_cost_usd is not None and usd is not None and usd >= config.max_cost_usd:
+        state.stop_reason = f"reached --max_cost_usd={config.max_cost_usd} (spent ${usd:.4f})"
+        return True
+    return False
+
+
+async def run_requests(config, seed, seed_examples, index, journal, state: RunState) -> None:
+    """Keep up to ``max_concurrent_requests`` requests in flight and apply replies in request order."""
+    from tqdm import tqdm
+
+    client = CompletionClient(
+        api=config.api,
+        model_name=config.model_name,
+        base_url=config.base_url,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_tokens=config.max_tokens,
+        request_timeout=config.request_timeout,
+        retry=RetryPolicy(max_retries=config.max_retries, initial_delay_s=config.initial_retry_delay),
+    )
+    progress = tqdm(
+        total=config.num_instructions_to_generate,
+        initial=len(state.records),
+        desc="kept",
+        disable=not config.progress,
+    )
+    in_flight: dict[int, asyncio.Task] = {}
+    next_to_send = state.next_to_apply
+    state.last_refresh = state.batch_started = time.monotonic()
+    try:
+        while not should_stop(config, state):
+            while len(in_flight) < config.max_concurrent_requests and (
+                not config.num_machine_instructions
+                or next_to_send - MACHINE_EXAMPLE_LAG <= state.next_to_apply
+            ):
+                prompt = build_prompt(
+                    config, seed, next_to_send, seed_examples, state.records, state.record_requests
+                )
+                in_flight[next_to_send] = asyncio.create_task(
+                    client.complete(prompt, api_seed(seed, next_to_send))
+                )
+                next_to_send += 1
+            reply = await in_flight.pop(state.next_to_apply)
+            apply_reply(config, index, journal, state, reply)
+            # Like upstream, the last batch may overshoot the target; let the bar show it.
+            progress.total = max(progress.total, len(state.records))
+            progress.update(len(state.records) - progress.n)
+            progress.set_postfix(generated=state.totals.get("generated", 0), cost=state.meter.describe())
+            if time.monotonic() - state.last_refresh >= config.save_every_s:
+                journal.write_regen(state.records)
+                state.last_refresh = time.monotonic()
+    finally:
+        for task in in_flight.values():
+            task.cancel()
+        await asyncio.gather(*in_flight.values(), return_exceptions=True)
+        state.session["discarded_in_flight"] = len(in_flight)
+        await client.close()
+        progress.close()
+
+
+def apply_reply(config, index: SimilarityIndex, journal: Journal, state: RunState, reply: Reply) -> None:
+    """Parse, filter and durably record one reply, then account for it."""
+    request_index = state.next_to_apply
+    candidates, counts, well_formed = [], {"rejected": {}}, 0
+    if reply.failure is None:
+        parsed = parse_reply(
+            reply.text, reply.finish_reason, config.num_prompt_instructions, config.api == "chat"
+        )
+        candidates = parsed.candidates
+        counts["rejected"] = dict(parsed.rejected, malformed=parsed.malformed, truncated=parsed.truncated)
+        well_formed = parsed.items - parsed.malformed - parsed.truncated
+    kept = []
+    for candidate, verdict in zip(candidates, index.filter_batch([c["instruction"] for c in candidates])):
+        if verdict.keep:
+            candidate["most_similar_instructions"] = verdict.most_similar_instructions
+            candidate["avg_similarity_score"] = verdict.avg_similarity_score
+            kept.append(candidate)
+    counts.update(
+        requests=1,
+        failed_replies=int(reply.failure is not None),
+        empty_replies=int(reply.failure is None and well_formed == 0),
+        retries=reply.retries,
+        prompt_tokens=reply.prompt_tokens,
+        completion_tokens=reply.completion_tokens,
+        generated=len(candidates),
+        kept=len(kept),
+    )
+    counts["rejected"]["rouge_similar"] = len(candidates) - len(kept)
+    if reply.failure is not None:
+        counts["failures"] = {reply.failure: 1}
+    journal.append_request(request_index, kept, counts)
+    state.records += kept
+    state.record_requests += [request_index] * len(kept)
+    add_counts(state.totals, counts)
+    add_counts(state.session, counts)
+    state.meter.add(reply.prompt_tokens, reply.completion_tokens)
+    state.next_to_apply = request_index + 1
+    state.batch_generated += len(candidates)
+    state.batch_kept += len(kept)
+    if state.next_to_apply % config.request_batch_size == 0:
+        from tqdm import tqdm
+
+        batch = state.next_to_apply // config.request_batch_size
+        tqdm.write(
+            f"Request batch {batch} took {time.monotonic() - state.batch_started:.2f}s: "
+            f"generated {state.batch_generated} instructions, kept {state.batch_kept}"
+        )
+        state.batch_generated = state.batch_kept = 0
+        state.batch_started = time.monotonic()
+
+
+def build_summary(config: GenerationConfig, seed: int, state: RunState) -> dict:
+    """Totals over every run in this folder, plus this run's own counters."""
+    from alpaca.selfinstruct.filters import FILTER_NAMES
+
+    totals = state.totals
+    rejected = {name: 0 for name in (*FILTER_NAMES, "malformed", "truncated", "rouge_similar")}
+    rejected.update(totals.get("rejected", {}))
+    return {
+        "stop_reason": state.stop_reason,
+        "kept": len(state.records),
+        "target": config.num_instructions_to_generate,
+        "requests": totals.get("requests", 0),
+        "failed_replies": totals.get("failed_replies", 0),
+        "failures": totals.get("failures", {}),
+        "empty_replies": totals.get("empty_replies", 0),
+        "retries": totals.get("retries", 0),
+        "generated": totals.get("generated", 0),
+        "rejected": rejected,
+        "prompt_tokens": state.meter.prompt_tokens,
+        "completion_tokens": state.meter.completion_tokens,
+        "cost_usd": state.meter.usd,
+        "model_name": config.model_name,
+        "seed": seed,
+        "this_run": state.session,
+    }
+
+
+def print_summary(summary: dict) -> None:
+    cost = "n/a (no price for this model)" if summary["cost_usd"] is None else f"${summary['cost_usd']:.4f}"
+    rejected = ", ".join(f"{name} {count}" for name, count in summary["rejected"].items())
+    print(
+        f"Done ({summary['stop_reason']}): kept {summary['kept']} of {summary['generated']} generated; "
+        f"{summary['requests']} requests, {summary['failed_replies']} failed, {summary['empty_replies']} empty, "
+        f"{summary['retries']} retries; rejected: {rejected}; tokens {summary['prompt_tokens']} prompt + "
+        f"{summary['completion_tokens']} completion, cost {cost}"
+    )
