@@ -103,7 +103,10 @@ def rouge_score_filter(pool: list[str], candidates: list[str]) -> tuple[float, l
             results.append(None)
             continue
         results.append(
-            ({texts[i]: scores[i] for i in np.argsort(scores)[-10:][::-1]}, float(np.mean(scores)))
+            (
+                {texts[i]: scores[i] for i in np.argsort(scores, kind="stable")[-10:][::-1]},
+                float(np.mean(scores)),
+            )
         )
         texts.append(candidate)
         tokens.append(candidate_tokens)

@@ -165,7 +165,12 @@ def reference_metadata(records: list[dict]) -> list[tuple[dict, float]]:
     for record in records:
         tokens = rouge_tokens(record["instruction"])
         scores = [rouge_scorer._score_lcs(tokens, rouge_tokens(text)).fmeasure for text in pool]
-        out.append(({pool[i]: scores[i] for i in np.argsort(scores)[-10:][::-1]}, float(np.mean(scores))))
+        out.append(
+            (
+                {pool[i]: scores[i] for i in np.argsort(scores, kind="stable")[-10:][::-1]},
+                float(np.mean(scores)),
+            )
+        )
         pool.append(record["instruction"])
     return out
 

@@ -94,7 +94,7 @@ def upstream_filter(pool: list[str], candidates: list[str]) -> list[dict | None]
         if max(scores) > 0.7:
             results.append(None)
             continue
-        most_similar = {all_instructions[i]: scores[i] for i in np.argsort(scores)[-10:][::-1]}
+        most_similar = {all_instructions[i]: scores[i] for i in np.argsort(scores, kind="stable")[-10:][::-1]}
         results.append({"most_similar": most_similar, "avg": float(np.mean(scores))})
         all_instructions.append(candidate)
         all_tokens.append(tokens)
@@ -119,7 +119,19 @@ def test_stream_of_batches_matches_upstream_loop_including_metadata():
     assert not ours[10].keep and not ours[21].keep
     for verdict, result in zip(ours, expected):
         if result is not None:
-            # json.dumps compares key order (upstream's argsort tie order) and int/float zeros.
+            # json.dumps compares key order (the stable tie order) and int/float zeros.
             assert json.dumps(verdict.most_similar_instructions) == json.dumps(result["most_similar"])
             assert verdict.avg_similarity_score == result["avg"]
     assert len(index) == len(pool) + sum(verdict.keep for verdict in ours)
+
+
+def test_most_similar_indices_equals_a_stable_full_sort():
+    from alpaca.selfinstruct.similarity import most_similar_indices
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 400))
+        # few distinct values, so ties at and around the 10th place are common
+        scores = rng.integers(0, int(rng.integers(1, 12)), size=n) / 7.0
+        expected = np.argsort(scores, kind="stable")[-10:][::-1]
+        assert most_similar_indices(scores, 10).tolist() == expected.tolist(), trial
