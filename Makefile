@@ -29,7 +29,7 @@ demo: $(VENV)/.installed
 	$(PY) generate.py --base_model=$(TINY) --lora_weights=$(DEMO_DIR)/lora-alpaca \
 		--input_file=data/demo_instructions.json --output_file=$(DEMO_DIR)/generations.json \
 		--max_new_tokens=48 --batch_size=4
-	$(PY) -c "import json; [print(f\"\n### {r['instruction']}\n{r['output']}\") for r in json.load(open('$(DEMO_DIR)/generations.json'))]"
+	$(PY) scripts/demo_summary.py $(DEMO_DIR)
 
 # Test-only system pieces: Debian's Chromium for the browser test, llama.cpp's converters for the
 # export checks. Best effort: without them those tests skip locally (and fail under CI=true).
