@@ -136,6 +136,17 @@ def run_batch(
         generator.prompt_for(record["instruction"], record.get("input"), index=index)
     results = read_finished(output_file, records)
     name = generator_name or generator.name
+    # The resolved settings beside the outputs, so a result file says how it was made.
+    config_path = Path(output_file).expanduser().with_suffix(".config.json")
+    write_json_atomic(
+        config_path,
+        {
+            "input_file": input_file,
+            "generator": name,
+            "batch_size": batch_size,
+            "decoding": dict(settings.__dict__),
+        },
+    )
     if settings.seed is not None:
         import torch
 

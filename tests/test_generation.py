@@ -226,6 +226,9 @@ def test_batch_resumes_after_a_crash(main, tmp_path, monkeypatch):
     calls.clear()
     run_batch(main, input_file, str(output_file), GREEDY, batch_size=2, generator_name="tiny")
     assert calls == []
+    config = json.loads(output_file.with_suffix(".config.json").read_text())
+    assert config["generator"] == "tiny" and config["batch_size"] == 2
+    assert config["decoding"]["temperature"] == GREEDY.temperature
 
 
 def test_batch_refuses_an_output_file_for_other_instructions(main, tmp_path):
