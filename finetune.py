@@ -11,6 +11,8 @@ Hugging Face `TrainingArguments` flag passes through. `python finetune.py --help
 
 from __future__ import annotations
 
+import sys
+
 import fire
 
 
@@ -124,5 +126,15 @@ def train(
     return run_finetune(flags, training_args)
 
 
+def main(argv: list[str]) -> None:
+    # `train` takes **training_args, so fire would read --help as one of them; ask for the help page.
+    command = ["--", "--help"] if {"-h", "--help"} & set(argv) else argv
+    try:
+        # metrics are logged already; fire printing the returned dict on every rank is noise
+        fire.Fire(train, command=command, serialize=lambda _: None)
+    except ValueError as err:  # a user's mistake: the message names the flag, file or record
+        raise SystemExit(f"finetune.py: error: {err}") from None
+
+
 if __name__ == "__main__":
-    fire.Fire(train, serialize=lambda _: None)  # metrics are logged; printing them again per rank is noise
+    main(sys.argv[1:])

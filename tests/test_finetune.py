@@ -233,3 +233,33 @@ def test_bad_data_fails_before_training(content, message, tiny_llama, tmp_path):
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         run(tiny_llama, str(path), tmp_path / "x")
+
+
+def test_command_line_help_and_errors(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    help_run = subprocess.run(
+        [sys.executable, "finetune.py", "--help"], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    page = help_run.stdout + help_run.stderr
+    for flag in (
+        "--base_model",
+        "--micro_batch_size",
+        "--lora_target_modules",
+        "--load_in_4bit",
+        "--packing",
+    ):
+        assert flag in page
+    assert "Every complete example ends with EOS" in page  # docstrings become the help text
+    bad = subprocess.run(
+        [sys.executable, "finetune.py", "--base_model=./no/such/model"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0
+    assert "finetune.py: error:" in bad.stderr and "no such folder" in bad.stderr
+    assert "Traceback" not in bad.stderr
