@@ -57,15 +57,26 @@ def _read_json_or_jsonl(path: Path) -> list:
 def load_records(data_path: str) -> list[dict]:
     """Load Alpaca records from a `.json`/`.jsonl` file or a Hugging Face dataset name (train split)."""
     path = Path(data_path).expanduser()
-    if path.suffix in (".json", ".jsonl") or path.exists():
+    if path.suffix in (".json", ".jsonl") and not path.is_dir():
         if not path.is_file():
             raise ValueError(f"--data_path={data_path!r}: no such file")
         records = _read_json_or_jsonl(path)
+    elif data_path.startswith((".", "/", "~")) and not path.exists():
+        raise ValueError(f"--data_path={data_path!r}: no such file or folder")
     else:
-        from datasets import load_dataset
+        # A hub dataset name, or a local dataset folder (data files, or a `save_to_disk` folder).
+        from datasets import load_dataset, load_from_disk
 
         try:
-            records = list(load_dataset(data_path, split="train"))
+            if (
+                path.is_dir()
+                and (path / "dataset_dict.json").is_file()
+                or (path / "dataset_info.json").is_file()
+            ):
+                dataset = load_from_disk(str(path))
+                records = list(dataset["train"] if hasattr(dataset, "keys") else dataset)
+            else:
+                records = list(load_dataset(data_path, split="train"))
         except Exception as err:  # the hub raises many types; the user needs the name and the cause
             raise ValueError(
                 f"--data_path={data_path!r} is neither a local .json/.jsonl file nor a loadable Hugging Face "

@@ -182,3 +182,17 @@ def test_gradient_accumulation_never_below_one_and_errors():
         gradient_accumulation(4, 8, 1)
     with pytest.raises(ValueError, match="not a multiple"):
         gradient_accumulation(12, 4, 2)
+
+
+def test_local_dataset_folders_load_through_datasets(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
+    assert load_records(str(folder)) == RECORDS  # a folder of data files, as on the hub
+    saved = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list(RECORDS)}).save_to_disk(str(saved))
+    assert load_records(str(saved)) == RECORDS  # a save_to_disk folder
+    with pytest.raises(ValueError, match="no such file or folder"):
+        load_records("./not/a/dataset")
