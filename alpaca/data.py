@@ -68,11 +68,10 @@ def load_records(data_path: str) -> list[dict]:
         from datasets import load_dataset, load_from_disk
 
         try:
-            if (
-                path.is_dir()
-                and (path / "dataset_dict.json").is_file()
-                or (path / "dataset_info.json").is_file()
-            ):
+            saved_to_disk = any(
+                (path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json")
+            )
+            if path.is_dir() and saved_to_disk:
                 dataset = load_from_disk(str(path))
                 records = list(dataset["train"] if hasattr(dataset, "keys") else dataset)
             else:
