@@ -39,6 +39,6 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
+    from alpaca.cli import run
 
-    fire.Fire(main)
+    run(main, "export_hf_checkpoint.py")

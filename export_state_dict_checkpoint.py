@@ -38,6 +38,6 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
+    from alpaca.cli import run
 
-    fire.Fire(main)
+    run(main, "export_state_dict_checkpoint.py")

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import sys
 
-import fire
-
 
 def train(
     # model / data
@@ -66,6 +64,9 @@ def train(
 ) -> dict:
     """Fine-tune `base_model` on Alpaca-format instruction data.
 
+    Any other transformers TrainingArguments flag passes through (--fsdp, --deepspeed, --bf16, --tf32,
+    --save_strategy, --optim, ...); flags that transformers 5 renamed or removed are mapped.
+
     Args:
         base_model: model folder or hub id (any AutoModelForCausalLM; LLaMA and OPT tested). Required.
             Stanford's --model_name_or_path is an alias.
@@ -73,12 +74,12 @@ def train(
             Face dataset name.
         output_dir: where the adapter (or model), tokenizer, checkpoints, run_config.json, loss.png go.
         batch_size: global batch (examples per optimizer step, all ranks together). Default 128.
-        micro_batch_size: examples per forward pass per device. Default 4 (Stanford:
-            --per_device_train_batch_size).
-        num_epochs: passes over the data. Default 3 (Stanford: --num_train_epochs).
+        micro_batch_size: examples per forward pass per device. Default 4. Stanford's
+            --per_device_train_batch_size is an alias.
+        num_epochs: passes over the data. Default 3. Stanford's --num_train_epochs is an alias.
         learning_rate: peak learning rate. Default 3e-4 with LoRA, 2e-5 for full fine-tuning.
-        cutoff_len: maximum tokens per example. Default 256 with LoRA, 512 for full fine-tuning
-            (Stanford: --model_max_length).
+        cutoff_len: maximum tokens per example. Default 256 with LoRA, 512 for full fine-tuning.
+            Stanford's --model_max_length is an alias.
         val_set_size: examples held out for validation; 0 disables it. Default 2000 with LoRA, 0 full.
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (scale = alpha / r).
@@ -86,8 +87,8 @@ def train(
         lora_target_modules: linear modules to adapt, e.g. [q_proj,v_proj], or all-linear.
         train_on_inputs: also learn the prompt tokens. Default True with LoRA (upstream), False for full
             fine-tuning (Stanford masks the prompt).
-        add_eos_token: kept for old commands. Every complete example ends with EOS whatever its value
-            (upstream's effective behaviour: the flag was shadowed and never took effect).
+        add_eos_token: kept for old commands. Every complete example ends with EOS whatever its value,
+            which was upstream's effective behaviour (its flag was shadowed and never took effect).
         group_by_length: batch examples of similar length together (faster, noisier loss curve).
         wandb_project: Weights & Biases project; setting it turns on wandb reporting.
         wandb_run_name: wandb run name.
@@ -117,8 +118,6 @@ def train(
         report_to: comma-separated integrations (wandb, tensorboard, none). Default: wandb when a wandb
             project is set, else none.
         trust_remote_code: allow model code from the hub (off by default).
-        **training_args: any other transformers TrainingArguments flag, passed through (e.g. --fsdp,
-            --deepspeed, --bf16, --tf32, --save_strategy). Renamed transformers-4 flags are mapped.
     """
     from alpaca.training import run_finetune
 
@@ -126,15 +125,10 @@ def train(
     return run_finetune(flags, training_args)
 
 
-def main(argv: list[str]) -> None:
-    # `train` takes **training_args, so fire would read --help as one of them; ask for the help page.
-    command = ["--", "--help"] if {"-h", "--help"} & set(argv) else argv
-    try:
-        # metrics are logged already; fire printing the returned dict on every rank is noise
-        fire.Fire(train, command=command, serialize=lambda _: None)
-    except ValueError as err:  # a user's mistake: the message names the flag, file or record
-        raise SystemExit(f"finetune.py: error: {err}") from None
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from alpaca.cli import run
+
+    # `train` takes **training_args, so fire would read --help as one of them; ask for the help page.
+    wants_help = {"-h", "--help"} & set(sys.argv[1:])
+    # metrics are logged already; fire printing the returned dict on every rank is noise
+    run(train, "finetune.py", ["--", "--help"] if wants_help else None, serialize=lambda _: None)

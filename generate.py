@@ -162,9 +162,6 @@ def check_flags(
 
 
 if __name__ == "__main__":
-    import fire
+    from alpaca.cli import run
 
-    try:
-        fire.Fire(main)
-    except ValueError as err:  # a user's mistake: the message names the flag, file or record
-        raise SystemExit(f"generate.py: error: {err}") from None
+    run(main, "generate.py")

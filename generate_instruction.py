@@ -85,9 +85,9 @@ def generate_instruction_following_data(
 
 
 if __name__ == "__main__":
-    import fire
+    from alpaca.cli import run
 
     # Upstream's form names the function: python -m generate_instruction generate_instruction_following_data.
     if len(sys.argv) > 1 and sys.argv[1] == "generate_instruction_following_data":
         del sys.argv[1]
-    fire.Fire(generate_instruction_following_data)
+    run(generate_instruction_following_data, "generate_instruction.py")

@@ -58,6 +58,6 @@ def recover(
 
 
 if __name__ == "__main__":
-    import fire
+    from alpaca.cli import run
 
-    fire.Fire({"make_diff": make_diff, "recover": recover})
+    run({"make_diff": make_diff, "recover": recover}, "weight_diff.py")
