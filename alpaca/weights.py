@@ -214,6 +214,8 @@ def recover(
         if path_tuned
         else None
     )
+    check_model_path(path_raw, "--path_raw")
+    check_model_path(path_diff, "--path_diff")
     integrity = read_integrity(path_diff)
     if integrity is None:
         print(f"{path_diff} has no {INTEGRITY_FILE} (a diff made by upstream): per-tensor hashes not checked")
