@@ -6,6 +6,7 @@ so tests can call it on a tiny model.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -273,6 +274,20 @@ def resolve_config(flags: dict, extra: dict) -> FinetuneConfig:
         and not Path(extra["deepspeed"]).is_file()
     ):
         problems.append(f"--deepspeed={extra['deepspeed']!r}: no such config file (see configs/)")
+    elif extra.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        problems.append("--deepspeed needs the deepspeed package: pip install deepspeed")
+    report_to = flags.get("report_to")
+    if isinstance(report_to, str):
+        report_to = [r.strip() for r in report_to.split(",") if r.strip()]
+    if report_to is None:
+        wandb_wanted = flags.get("wandb_project") or os.environ.get("WANDB_PROJECT")
+        report_to = ["wandb"] if wandb_wanted else ["none"]
+    for integration, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if integration in report_to and importlib.util.find_spec(package) is None:
+            problems.append(
+                f"reporting to {integration} (--report_to or --wandb_project) needs the {package} package: "
+                f"pip install {package}"
+            )
     try:
         target_modules = parse_target_modules(flags.get("lora_target_modules") or ["q_proj", "v_proj"])
     except ValueError as err:
@@ -291,11 +306,6 @@ def resolve_config(flags: dict, extra: dict) -> FinetuneConfig:
         raise ValueError("invalid finetune.py arguments:\n  - " + "\n  - ".join(problems))
     for note in notes + ([warning] if warning else []):
         log(f"note: {note}")
-    report_to = flags.get("report_to")
-    if report_to is None:
-        report_to = ["wandb"] if (flags.get("wandb_project") or os.environ.get("WANDB_PROJECT")) else ["none"]
-    elif isinstance(report_to, str):
-        report_to = [r.strip() for r in report_to.split(",") if r.strip()]
     return FinetuneConfig(
         base_model=str(flags["base_model"]),
         data_path=str(flags["data_path"]),

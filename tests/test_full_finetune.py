@@ -184,9 +184,20 @@ def test_stanford_command_flags_map_to_ours(tiny_llama, small_data, tmp_path, ca
         ),
         ({"use_lora": False}, {"deepspeed": "configs/missing.json"}, "no such config file"),
         ({"load_in_4bit": True}, {"fsdp": "full_shard"}, "--fsdp with a quantized"),
+        ({"use_lora": False}, {"deepspeed": "configs/ds_zero3_offload.json"}, "needs the deepspeed package"),
+        ({"wandb_project": "alpaca"}, {}, "needs the wandb package"),
     ],
 )
-def test_conflicting_and_bad_flags(flags, extra, message):
+def test_conflicting_and_bad_flags(flags, extra, message, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    # as on a machine without the optional packages, whatever this one has installed
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("deepspeed", "wandb") else real_find_spec(name, *a),
+    )
     base = {"base_model": "a/b", "data_path": "d.json", "output_dir": "o"}
     base.update(flags)
     with pytest.raises(ValueError, match=message):
