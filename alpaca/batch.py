@@ -8,10 +8,9 @@ files skips the records already written.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from alpaca.files import write_json_atomic
 from alpaca.generation import DecodingSettings, ResponseGenerator
 
 
@@ -96,21 +95,6 @@ def read_finished(output_file: str, records: list[dict]) -> list[dict]:
                 "file; it holds outputs for other instructions. Move it away or pick another --output_file"
             )
     return finished
-
-
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write JSON to a temporary file and rename it over `path`, so readers never see half a file."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, ensure_ascii=False, indent=2)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def run_batch(

@@ -270,11 +270,3 @@ class ExampleDataset:
     @property
     def lengths(self) -> list[int]:
         return [len(ex["input_ids"]) for ex in self.examples]
-
-
-def write_json(path: str | Path, data) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alpaca.data import write_json
+from alpaca.files import write_json_atomic
 from alpaca.modeling import check_model_path
 
 logger = logging.getLogger("alpaca")
@@ -455,7 +455,8 @@ def training_precision(config: FinetuneConfig) -> tuple[str, object]:
     for flag in ("bf16", "fp16"):
         if config.extra_training_args.pop(flag, False) in (True, "True", "true", 1):
             wanted = flag
-    config.extra_training_args.pop("tf32", None) if device != "cuda" else None
+    if device != "cuda":
+        config.extra_training_args.pop("tf32", None)  # TF32 is a CUDA setting; the Trainer raises elsewhere
     if wanted == "auto":
         if device == "cuda":
             wanted = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -526,9 +527,8 @@ def prepare_tokenizer_and_model(config: FinetuneConfig, dtype):
         device_map=device_map,
         trust_remote_code=config.trust_remote_code,
     )
-    num_new = add_missing_special_tokens(tokenizer)
-    if num_new or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        resize_embeddings_for_new_tokens(model, tokenizer)
+    add_missing_special_tokens(tokenizer)
+    resize_embeddings_for_new_tokens(model, tokenizer)  # no-op unless the tokenizer outgrew the embeddings
     model.config.pad_token_id = tokenizer.pad_token_id
     # Training never reads a KV cache; building one wastes memory (upstream set this too).
     model.config.use_cache = False
@@ -702,7 +702,7 @@ def save_run_config(config: FinetuneConfig, extra: dict | None = None) -> Path:
     if extra:
         data.update(extra)
     if is_main_process():
-        write_json(out / "run_config.json", data)
+        write_json_atomic(out / "run_config.json", data)
         log("resolved configuration:")
         for key, value in data.items():
             if key in ("sources", "command"):
@@ -748,7 +748,7 @@ def save_outputs(trainer, tokenizer, config: FinetuneConfig) -> None:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
         history = trainer.state.log_history
-        write_json(Path(config.output_dir) / "loss_history.json", history)
+        write_json_atomic(Path(config.output_dir) / "loss_history.json", history)
         plot_losses(history, Path(config.output_dir) / "loss.png")
 
 
@@ -796,7 +796,7 @@ def run_finetune(flags: dict, extra: dict) -> dict:
     )
     log(report.summary())
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    resume = resolve_resume(config, model) if config.use_lora or config.resume_from_checkpoint else None
+    resume = resolve_resume(config, model)
     setup_wandb(config)
     args = build_training_arguments(config, precision, has_eval=bool(val_set))
     trainer = build_trainer(model, tokenizer, config, train_set, val_set, args)
@@ -808,7 +808,7 @@ def run_finetune(flags: dict, extra: dict) -> dict:
     metrics["distributed_type"] = str(trainer.accelerator.distributed_type)
     metrics["train_examples"] = len(train_set)
     if is_main_process():
-        write_json(Path(config.output_dir) / "train_metrics.json", metrics)
+        write_json_atomic(Path(config.output_dir) / "train_metrics.json", metrics)
     log(
         f"saved to {config.output_dir}: {'LoRA adapter' if config.use_lora else 'model'}, tokenizer, loss.png"
     )

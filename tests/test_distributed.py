@@ -9,22 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_sample_subset
 from safetensors.torch import load_file
 
 import finetune
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "data" / "alpaca_sample.json"
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def data_24(tmp_path_factory):
-    records = [r for r in json.loads(SAMPLE.read_text()) if len(r["output"]) < 200][:24]
-    path = tmp_path_factory.mktemp("data") / "d.json"
-    path.write_text(json.dumps(records))
-    return str(path)
+    return write_sample_subset(tmp_path_factory.mktemp("data") / "d.json", 24)
 
 
 def free_port() -> int:

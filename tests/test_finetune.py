@@ -3,46 +3,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import logged_losses, run_finetune_fast, write_sample_subset
 
-import finetune
 from alpaca.data import IGNORE_INDEX
-
-SAMPLE = Path(__file__).resolve().parent.parent / "data" / "alpaca_sample.json"
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """32 short records from the project's sample data."""
-    records = [r for r in json.loads(SAMPLE.read_text()) if len(r["output"]) < 200][:32]
-    path = tmp_path_factory.mktemp("data") / "small.json"
-    path.write_text(json.dumps(records))
-    return str(path)
+    return write_sample_subset(tmp_path_factory.mktemp("data") / "small.json", 32)
 
 
-def run(base, data, out, **overrides):
-    """Run finetune.py's entry function with fast settings for a tiny model."""
-    args = dict(
-        base_model=base,
-        data_path=data,
-        output_dir=str(out),
-        batch_size=8,
-        micro_batch_size=4,
-        cutoff_len=128,
-        val_set_size=0,
-        learning_rate=1e-2,
-        warmup_steps=0,
-        max_steps=10,
-        logging_steps=1,
-        save_steps=100,
-        seed=7,
-    )
-    args.update(overrides)
-    return finetune.train(**args)
-
-
-def logged_losses(out):
-    history = json.loads((Path(out) / "loss_history.json").read_text())
-    return [(e["step"], e["loss"]) for e in history if "loss" in e]
+run = run_finetune_fast
 
 
 def base_and_adapted_logits(base, adapter, text="### Instruction:\nName a color.\n\n### Response:\n"):

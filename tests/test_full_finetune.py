@@ -1,10 +1,10 @@
 """Full fine-tuning (Stanford Alpaca's recipe) through finetune.py's entry function."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLE_DATA, write_sample_subset
 
 import finetune
 from alpaca.data import IGNORE_INDEX, load_records, tokenize_example
@@ -12,15 +12,10 @@ from alpaca.modeling import PAD_TOKEN, load_tokenizer, resize_embeddings_for_new
 from alpaca.prompter import Prompter
 from alpaca.training import resolve_config
 
-SAMPLE = Path(__file__).resolve().parent.parent / "data" / "alpaca_sample.json"
-
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    records = [r for r in json.loads(SAMPLE.read_text()) if len(r["output"]) < 200][:24]
-    path = tmp_path_factory.mktemp("data") / "small.json"
-    path.write_text(json.dumps(records))
-    return str(path)
+    return write_sample_subset(tmp_path_factory.mktemp("data") / "small.json", 24)
 
 
 def stanford_labels(record, tokenizer, max_length):
@@ -39,7 +34,7 @@ def stanford_labels(record, tokenizer, max_length):
 def test_labels_match_stanford_exactly(tiny_llama):
     tokenizer = load_tokenizer(tiny_llama, add_pad_token=True)
     prompter = Prompter("alpaca_legacy")
-    for record in load_records(str(SAMPLE)):
+    for record in load_records(str(SAMPLE_DATA)):
         ours = tokenize_example(record, tokenizer, prompter, cutoff_len=512, train_on_inputs=False)
         ids, labels = stanford_labels(record, tokenizer, 512)
         assert ours["input_ids"] == ids, record["instruction"]

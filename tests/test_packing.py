@@ -1,16 +1,13 @@
 """Padding-free packing: exact against unpadded batches, refused where a model would mix examples."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLE_DATA, logged_losses, run_finetune_fast, write_sample_subset
 
-import finetune
 from alpaca.data import IGNORE_INDEX, PaddingCollator, tokenize_example
 from alpaca.packing import PackingCollator, check_packing_supported, packing_leak
-
-SAMPLE = Path(__file__).resolve().parent.parent / "data" / "alpaca_sample.json"
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +17,7 @@ def features(tiny_llama):
     from alpaca.prompter import Prompter
 
     tokenizer, prompter = load_tokenizer(tiny_llama), Prompter("alpaca")
-    records = json.loads(SAMPLE.read_text())[:6]
+    records = json.loads(SAMPLE_DATA.read_text())[:6]
     return {
         train_on_inputs: [tokenize_example(r, tokenizer, prompter, 96, train_on_inputs) for r in records]
         for train_on_inputs in (True, False)
@@ -139,44 +136,24 @@ def test_alibi_model_without_position_ids_is_refused():
 
 
 def run(base, data, out, **overrides):
-    args = dict(
-        base_model=base,
-        data_path=data,
-        output_dir=str(out),
-        batch_size=8,
-        micro_batch_size=4,
-        cutoff_len=128,
-        val_set_size=0,
-        learning_rate=1e-2,
-        lora_dropout=0.0,  # dropout masks depend on tensor shapes; without it both runs compute the same thing
-        warmup_steps=0,
-        max_steps=6,
-        logging_steps=1,
-        save_steps=100,
-        seed=7,
-    )
-    args.update(overrides)
-    return finetune.train(**args)
+    # dropout masks depend on tensor shapes; without it both runs compute the same thing
+    return run_finetune_fast(base, data, out, **{"lora_dropout": 0.0, "max_steps": 6, **overrides})
 
 
-def logged_losses(out):
-    history = json.loads((Path(out) / "loss_history.json").read_text())
-    return [e["loss"] for e in history if "loss" in e]
+def losses(out):
+    return [loss for _, loss in logged_losses(out)]
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    records = [r for r in json.loads(SAMPLE.read_text()) if len(r["output"]) < 200][:32]
-    path = tmp_path_factory.mktemp("data") / "small.json"
-    path.write_text(json.dumps(records))
-    return str(path)
+    return write_sample_subset(tmp_path_factory.mktemp("data") / "small.json", 32)
 
 
 def test_packed_training_follows_the_unpacked_run(tiny_llama, small_data, tmp_path):
     run(tiny_llama, small_data, tmp_path / "padded")
     metrics = run(tiny_llama, small_data, tmp_path / "packed", packing=True)
     assert metrics["global_step"] == 6
-    padded, packed = logged_losses(tmp_path / "padded"), logged_losses(tmp_path / "packed")
+    padded, packed = losses(tmp_path / "padded"), losses(tmp_path / "packed")
     assert len(packed) == 6 and packed[-1] < packed[0] - 0.05, packed
     # Same examples per step, same loss: the two runs train the same adapter, step for step.
     assert packed == pytest.approx(padded, abs=1e-4), (packed, padded)

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alpaca.files import write_json_atomic
+
 JOURNAL_NAME = "regen_journal.jsonl"
 REGEN_NAME = "regen.json"
 ALPACA_EXPORT_NAME = "alpaca_data.json"
@@ -50,14 +52,8 @@ def add_counts(totals: dict, counts: dict) -> None:
 
 
 def write_json_atomically(path: Path, data) -> None:
-    """Write JSON to a temporary file in the same folder, fsync it, then rename it over ``path``."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        # indent=4 and default=str as upstream's jdump, so the files look the same.
-        json.dump(data, handle, indent=4, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    """Upstream's jdump layout (indent 4, ASCII escapes), written atomically."""
+    write_json_atomic(path, data, indent=4, ensure_ascii=True)
 
 
 class Journal:
