@@ -7,11 +7,12 @@ IGNORE_INDEX, so the unmasked labels are the output plus EOS for every template.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from alpaca.files import read_json_records
 
 logger = logging.getLogger(__name__)
 
@@ -22,45 +23,13 @@ REQUIRED_FIELDS = ("instruction", "output")
 # ---------------------------------------------------------------- loading and validation
 
 
-def _read_json_or_jsonl(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"data file {str(path)!r} is empty: it needs a JSON list of Alpaca records or JSONL")
-    if path.suffix == ".jsonl":
-        records = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"data file {str(path)!r} line {line_no} is not valid JSON: {err.msg}"
-                ) from err
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"data file {str(path)!r} is not valid JSON (line {err.lineno}: {err.msg}); "
-            "use a JSON list of records, or a .jsonl file with one record per line"
-        ) from err
-    if isinstance(data, dict) and isinstance(data.get("train"), list):
-        data = data["train"]
-    if not isinstance(data, list):
-        raise ValueError(
-            f"data file {str(path)!r} must hold a JSON list of records, not {type(data).__name__}"
-        )
-    return data
-
-
 def load_records(data_path: str) -> list[dict]:
     """Load Alpaca records from a `.json`/`.jsonl` file or a Hugging Face dataset name (train split)."""
     path = Path(data_path).expanduser()
     if path.suffix in (".json", ".jsonl") and not path.is_dir():
         if not path.is_file():
             raise ValueError(f"--data_path={data_path!r}: no such file")
-        records = _read_json_or_jsonl(path)
+        records = read_json_records(path, f"data file {str(path)!r}")
     elif data_path.startswith((".", "/", "~")) and not path.exists():
         raise ValueError(f"--data_path={data_path!r}: no such file or folder")
     else:
@@ -86,7 +55,12 @@ def load_records(data_path: str) -> list[dict]:
 
 
 def validate_records(records: list, source: str) -> None:
-    """Raise a ValueError naming the first bad record: missing or non-string fields."""
+    """Raise a ValueError naming the first bad record: missing, null or non-string fields.
+
+    `instruction` and `output` must be strings (`output` may be empty); `input` may be absent or null.
+    A null `output` is an error rather than an empty answer: training on it would teach the model to
+    answer nothing.
+    """
     if not records:
         raise ValueError(f"{source!r} holds no records")
     for index, record in enumerate(records):
@@ -97,10 +71,11 @@ def validate_records(records: list, source: str) -> None:
                 raise ValueError(f"{source!r} record {index} has no {key!r} field (fields: {sorted(record)})")
         for key in ("instruction", "input", "output"):
             value = record.get(key)
-            if key in record and value is not None and not isinstance(value, str):
-                raise ValueError(
-                    f"{source!r} record {index}: {key!r} must be a string, not {type(value).__name__}"
-                )
+            if key == "input" and value is None:
+                continue
+            if key in record and not isinstance(value, str):
+                kind = "null" if value is None else type(value).__name__
+                raise ValueError(f"{source!r} record {index}: {key!r} must be a string, not {kind}")
         if not record["instruction"].strip():
             raise ValueError(f"{source!r} record {index} has an empty 'instruction'")
 

@@ -24,3 +24,104 @@ def write_json_atomic(path: str | Path, data, indent: int = 2, ensure_ascii: boo
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _parse_json(text: str, where: str):
+    """json.loads with every failure turned into a ValueError that says where.
+
+    Besides syntax errors, Python's parser raises RecursionError on deeply nested arrays and a bare
+    ValueError for an integer longer than `sys.get_int_max_str_digits()` (4,300 digits); neither names
+    the file on its own.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{where} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from err
+    except RecursionError as err:
+        raise ValueError(f"{where} is nested too deeply to be read as JSON") from err
+    except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise ValueError(f"{where} cannot be read as JSON: {err}") from err
+
+
+def read_json_records(path: str | Path, what: str) -> list:
+    """The records of a JSON list or a JSONL file, told apart by content, not by the file's name.
+
+    A document starting with `[` is a JSON list; one that parses whole as an object holding a `train`
+    list gives that list; anything else is read as JSONL (one JSON value per non-blank line), so a
+    JSONL file named `.json` works. `what` names the file in errors (e.g. `data file 'x.json'`).
+    """
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{what} is not valid UTF-8 (byte {err.start}, line {line}); save it as UTF-8"
+        ) from err
+    stripped = text.lstrip()
+    if not stripped:
+        raise ValueError(f"{what} is empty: it needs a JSON list of records or JSONL (one record a line)")
+    if stripped.startswith("["):
+        return _parse_json(text, what)
+    if stripped.startswith("{"):
+        try:
+            whole = json.loads(text)
+        except (ValueError, RecursionError):
+            whole = None
+        if isinstance(whole, dict) and isinstance(whole.get("train"), list):
+            return whole["train"]
+        if isinstance(whole, dict) and len([ln for ln in text.splitlines() if ln.strip()]) > 1:
+            raise ValueError(f"{what} holds one JSON object; give a JSON list of records or JSONL")
+    records = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            records.append(_parse_json(line, f"{what} line {line_no}"))
+    return records
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why a `.safetensors` file cannot be loaded (missing, truncated, garbage), or None when its header
+    parses and the file holds every byte that header promises. Reads the header only."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return f"truncated ({size} bytes)"
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                return f"truncated or not a safetensors file (header of {length} bytes, file of {size})"
+            header = json.loads(handle.read(length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "not a safetensors file (unreadable header)"
+    needed = 8 + length + max(ends, default=0)
+    if size < needed:
+        return f"truncated ({size} of {needed} bytes)"
+    return None
+
+
+def torch_file_problem(path: str | Path, check_crc_below: int = 256 << 20) -> str | None:
+    """Why a file written by `torch.save` cannot be loaded, or None. `torch.save` writes a zip archive
+    whose directory comes last, so a file cut short by a kill has no readable directory; files under
+    `check_crc_below` bytes also have every member's CRC checked (catches garbage inside). Nothing is
+    unpickled."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "not a torch.save file (no data.pkl)"
+            if path.stat().st_size < check_crc_below and archive.testzip() is not None:
+                return "corrupt (a CRC check failed)"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"truncated or not a torch.save file ({err})"
+    return None

@@ -7,6 +7,7 @@ scripts work from any working directory) or any JSON file given by path.
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -36,22 +37,50 @@ def resolve_template_path(template_name: str | None) -> Path:
     return path
 
 
+# The placeholders each prompt may use; any other `{name}` would be a KeyError at the first example.
+PLACEHOLDERS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"instruction"}}
+
+
+def check_placeholders(template: dict, where: str) -> None:
+    """Raise a ValueError for a prompt with an unknown `{placeholder}`, a lone brace, or a missing
+    `{instruction}` / `{input}`; literal braces are written `{{` and `}}`."""
+    for key, allowed in PLACEHOLDERS.items():
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template[key]) if name is not None}
+        except ValueError as err:
+            raise ValueError(
+                f"{where}: {key} is not a valid format string ({err}); write a literal brace as {{{{ or }}}}"
+            ) from err
+        unknown = sorted(fields - allowed)
+        if unknown:
+            raise ValueError(
+                f"{where}: {key} uses unknown placeholder(s) {['{' + name + '}' for name in unknown]}; "
+                f"it may use only {sorted('{' + name + '}' for name in allowed)} (write literal braces as {{{{ }}}})"
+            )
+        missing = sorted(allowed - fields)
+        if missing:
+            raise ValueError(f"{where}: {key} must use {', '.join('{' + name + '}' for name in missing)}")
+
+
 def load_template(template_name: str | None) -> dict:
     """Load and validate a template (name or path)."""
     path = resolve_template_path(template_name)
+    where = f"prompt template {str(path)!r}"
     try:
         template = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"prompt template {str(path)!r} is not valid JSON: {err}") from err
+        raise ValueError(f"{where} is not valid JSON: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where} is not valid UTF-8 (byte {err.start})") from err
+    if not isinstance(template, dict):
+        raise ValueError(
+            f"{where} holds a JSON {type(template).__name__}; it must be an object with the keys "
+            + ", ".join(REQUIRED_KEYS)
+        )
     missing = [key for key in REQUIRED_KEYS if not isinstance(template.get(key), str)]
     if missing:
-        raise ValueError(f"prompt template {str(path)!r} lacks the string key(s) {missing}")
-    if "{instruction}" not in template["prompt_input"] or "{input}" not in template["prompt_input"]:
-        raise ValueError(
-            f"prompt template {str(path)!r}: prompt_input must use {{instruction}} and {{input}}"
-        )
-    if "{instruction}" not in template["prompt_no_input"]:
-        raise ValueError(f"prompt template {str(path)!r}: prompt_no_input must use {{instruction}}")
+        raise ValueError(f"{where} lacks the string key(s) {missing}")
+    check_placeholders(template, where)
     return template
 
 

@@ -134,7 +134,12 @@ def test_load_json_and_jsonl(tmp_path):
     [
         ("", "is empty"),
         ("this is not json", "not valid JSON"),
-        ('{"instruction": "x"}', "JSON list"),
+        ('{\n  "instruction": "x"\n}', "holds one JSON object"),
+        ('{"instruction": "x"}', "record 0 has no 'output'"),  # one line: JSONL with one record
+        ('[{"instruction": null, "output": "b"}]', "record 0: 'instruction' must be a string, not null"),
+        ('[{"instruction": "a", "output": null}]', "record 0: 'output' must be a string, not null"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('[{"instruction": "a", "output": "b", "n": ' + "9" * 5000 + "}]", "cannot be read as JSON"),
         ("[]", "holds no records"),
         (
             '[{"instruction": "a", "output": "b"}, {"input": "x", "output": "y"}]',
@@ -153,6 +158,28 @@ def test_bad_data_files(tmp_path, content, message):
     with pytest.raises(ValueError) as err:
         load_records(str(path))
     assert message in str(err.value) and "bad.json" in str(err.value)
+
+
+def test_jsonl_named_json_is_read_by_content(tmp_path):
+    path = tmp_path / "records.json"
+    path.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    assert load_records(str(path)) == RECORDS
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"train": RECORDS}, indent=2))
+    assert load_records(str(wrapped)) == RECORDS
+
+
+def test_null_input_is_no_input(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"instruction": "a", "input": None, "output": "b"}]))
+    assert load_records(str(path))[0]["input"] is None
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[{"instruction": "a", "output": "b"},\n {"instruction": "caf\xe9", "output": "c"}]')
+    with pytest.raises(ValueError, match=r"latin1.json' is not valid UTF-8 \(byte \d+, line 2\)"):
+        load_records(str(path))
 
 
 def test_bad_jsonl_line_is_named(tmp_path):

@@ -95,3 +95,38 @@ def test_bad_template_files(tmp_path):
         Prompter(str(incomplete))
     with pytest.raises(ValueError, match="does not exist"):
         Prompter(str(tmp_path / "missing.json"))
+
+
+GOOD = {
+    "prompt_input": "{instruction} / {input}\n",
+    "prompt_no_input": "{instruction}\n",
+    "response_split": "\n",
+}
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ([GOOD], "holds a JSON list; it must be an object"),
+        (
+            {**GOOD, "prompt_input": "{instruction} {input} {context}"},
+            r"unknown placeholder\(s\) \['\{context\}'\]",
+        ),
+        ({**GOOD, "prompt_no_input": "{instruction} {input}"}, r"prompt_no_input uses unknown placeholder"),
+        ({**GOOD, "prompt_no_input": "{instruction} {0}"}, r"unknown placeholder\(s\) \['\{0\}'\]"),
+        ({**GOOD, "prompt_input": "{instruction} {input} {"}, "not a valid format string"),
+        ({**GOOD, "prompt_input": "{instruction}"}, r"prompt_input must use \{input\}"),
+    ],
+)
+def test_template_mistakes_fail_when_the_prompter_is_built(tmp_path, template, message):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(template))
+    with pytest.raises(ValueError, match=message) as err:
+        Prompter(str(path))
+    assert "mine.json" in str(err.value)
+
+
+def test_literal_braces_are_allowed(tmp_path):
+    path = tmp_path / "braces.json"
+    path.write_text(json.dumps({**GOOD, "prompt_no_input": 'JSON like {{"a": 1}}: {instruction}'}))
+    assert Prompter(str(path)).generate_prompt("x") == 'JSON like {"a": 1}: x'
