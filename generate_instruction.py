@@ -41,6 +41,7 @@ def generate_instruction_following_data(
     export_alpaca_data: bool = True,
     save_every_s: float = 10.0,
     progress: bool = True,
+    max_requests_without_new: int = 50,
 ) -> None:
     """Generate instruction-following data from seed tasks with an OpenAI-compatible model.
 
@@ -62,21 +63,24 @@ def generate_instruction_following_data(
         request_timeout: seconds before a request is abandoned and retried.
         initial_retry_delay: first backoff in seconds (doubles per retry, with jitter, at most 60 s; Retry-After wins).
         seed: seed for sampling the examples (and sent to the server); random and saved when not given.
-        max_cost_usd: stop cleanly once the running cost reaches this many dollars.
+        max_cost_usd: spend at most this many dollars: a request is sent only if the cost so far, plus the worst case of every request in flight and of this one (its prompt and a full --max_tokens reply), stays within it.
         prompt_price_per_1m: USD per 1M prompt tokens (overrides the built-in price; needed for unknown models).
         completion_price_per_1m: USD per 1M completion tokens.
         num_machine_instructions: how many of the prompt's examples come from generated tasks (self-instruct used 2 of 8).
         export_alpaca_data: also write alpaca_data.json (instruction, input, output only).
         save_every_s: seconds between rewrites of regen.json (the journal is saved after every request).
         progress: show the progress bar.
+        max_requests_without_new: stop after this many requests in a row keep no new instruction (0: never).
     """
     settings = dict(locals())
     from alpaca.selfinstruct.client import APIFailure
-    from alpaca.selfinstruct.pipeline import GenerationConfig, generate
+    from alpaca.selfinstruct.pipeline import GenerationConfig, GenerationStalled, generate
 
     config = GenerationConfig(**settings)
     try:
         generate(config)
+    except GenerationStalled as error:
+        raise SystemExit(f"generate_instruction: stopped: {error}.") from None
     except APIFailure as error:
         raise SystemExit(
             f"generate_instruction: stopped: {error}.\nEverything kept so far is saved in {output_dir} "

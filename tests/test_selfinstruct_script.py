@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -265,22 +266,60 @@ def test_retries_used_up_stop_cleanly_and_a_rerun_resumes(tmp_path):
     assert len(instructions) == len(set(instructions))
 
 
-def test_max_cost_stops_cleanly(tmp_path):
-    with ScriptedOpenAIServer(synthetic_responder) as server:
-        regen, summary = run_script(
-            tmp_path,
-            server.base_url,
-            num_instructions_to_generate=1000,
-            model_name="my-local-model",
-            prompt_price_per_1m=1000.0,
-            completion_price_per_1m=1000.0,
-            max_cost_usd=1.0,
-            max_concurrent_requests=1,
+PRICED = dict(model_name="my-local-model", prompt_price_per_1m=1000.0, completion_price_per_1m=1000.0)
+
+
+def billed_usd(server: ScriptedOpenAIServer) -> float:
+    """What the server billed: every reply it sent, at PRICED's $1,000 per 1M tokens."""
+    return sum(usage["prompt_tokens"] + usage["completion_tokens"] for usage in server.usage) * 1e-3
+
+
+def journal_entries(output_dir: Path, kind: str) -> list[dict]:
+    lines = (output_dir / JOURNAL_NAME).read_bytes().splitlines()
+    return [entry for entry in map(json.loads, lines) if entry["kind"] == kind]
+
+
+def test_max_cost_holds_with_requests_in_flight_and_counts_every_reply(tmp_path):
+    # A reply costs about $0.75 here and at most about $3.5 (its prompt's bytes and 400 tokens), so
+    # the cap lets 3 requests start at once and then sends only while all in flight still fit.
+    flags = dict(PRICED, num_instructions_to_generate=1000, max_tokens=400, max_concurrent_requests=8)
+    with ScriptedOpenAIServer(synthetic_responder, latency_s=0.05) as server:
+        regen, summary = run_script(tmp_path, server.base_url, max_cost_usd=12.0, request_timeout=30, **flags)
+        first_bill = billed_usd(server)
+        assert summary["stop_reason"].startswith("reached --max_cost_usd=12.0: spent $")
+        assert summary["cost_usd"] == pytest.approx(first_bill, abs=1e-9) and first_bill <= 12.0
+        assert summary["requests"] == len(server.usage) >= 8 and len(regen) == summary["kept"]
+        assert max(entry["time"] for entry in server.log[:3]) < min(entry["time"] for entry in server.log[3:])
+        # A rerun with a higher cap continues from the journal.
+        resumed, summary = run_script(
+            tmp_path, server.base_url, max_cost_usd=20.0, request_timeout=30, **flags
         )
-    assert summary["stop_reason"].startswith("reached --max_cost_usd=1.0")
-    assert summary["cost_usd"] >= 1.0
-    # One request costs about $0.6 here, so the second one crosses the limit.
-    assert summary["requests"] == 2 and len(regen) == summary["kept"]
+    assert resumed[: len(regen)] == regen and len(resumed) > len(regen)
+    assert summary["cost_usd"] == pytest.approx(billed_usd(server), abs=1e-9) and billed_usd(server) <= 20.0
+
+
+def test_replies_in_flight_at_the_stop_are_counted_and_kept_for_a_rerun(tmp_path):
+    flags = dict(PRICED, request_batch_size=2, max_concurrent_requests=8, request_timeout=30)
+    with ScriptedOpenAIServer(synthetic_responder, latency_s=0.05) as server:
+        regen, summary = run_script(tmp_path, server.base_url, num_instructions_to_generate=30, **flags)
+        stored = journal_entries(tmp_path, "reply")
+        # The target is met at a batch boundary with requests still in flight: all paid, all counted.
+        assert stored and summary["cost_usd"] == pytest.approx(billed_usd(server), abs=1e-9)
+        assert [entry["request"] for entry in stored] == list(
+            range(summary["requests"], summary["requests"] + len(stored))
+        )
+        assert summary["this_run"]["stored_replies"] == len(stored)
+        resumed, summary = run_script(tmp_path, server.base_url, num_instructions_to_generate=150, **flags)
+        bought = [entry["prompt"] for entry in server.log]
+        assert summary["cost_usd"] == pytest.approx(billed_usd(server), abs=1e-9)
+        reference, _ = run_script(
+            tmp_path / "reference", server.base_url, num_instructions_to_generate=150, **flags
+        )
+    # The rerun used the stored replies instead of buying them again, and gave the unbroken run's records.
+    assert summary["requests"] > stored[-1]["request"]
+    assert summary["this_run"]["stored_replies_used"] == len(stored)
+    assert len(bought) == len(set(bought))
+    assert resumed == reference
 
 
 def test_machine_examples_are_mixed_in_deterministically(tmp_path, monkeypatch):
@@ -385,3 +424,76 @@ def test_module_form_and_bad_seed_file_error(tmp_path):
     )
     assert result.returncode != 0
     assert f"{bad} line 2: missing 'instruction' and 'instances'" in result.stderr
+
+
+def test_a_run_that_keeps_nothing_new_stops_and_a_higher_limit_continues(tmp_path):
+    same = reply(block(4, *A), block(5, *D))
+    flags = dict(num_instructions_to_generate=10, max_concurrent_requests=4, request_timeout=30)
+    with ScriptedOpenAIServer(lambda prompt, attempt: same) as server:
+        with pytest.raises(
+            SystemExit, match=r"the last 5 requests kept no new instruction \(--max_requests_without_new=5\)"
+        ):
+            run_script(tmp_path, server.base_url, max_requests_without_new=5, **flags)
+        requests = journal_entries(tmp_path, "request")
+        assert [len(entry["records"]) for entry in requests] == [2, 0, 0, 0, 0, 0]
+        assert len(json.loads((tmp_path / "regen.json").read_text())) == 2
+        summary = json.loads((tmp_path / "generate_instruction_summary.json").read_text())
+        assert summary["stop_reason"].startswith("the last 5 requests kept no new instruction")
+        # The same limit stops at once; a higher one continues from the journal, buying nothing twice.
+        with pytest.raises(SystemExit, match="the last 5 requests"):
+            run_script(tmp_path, server.base_url, max_requests_without_new=5, **flags)
+        with pytest.raises(SystemExit, match="the last 8 requests"):
+            run_script(tmp_path, server.base_url, max_requests_without_new=8, **flags)
+    assert [entry["request"] for entry in journal_entries(tmp_path, "request")] == list(range(9))
+    assert max(server._attempts.values()) == 1
+
+
+def seed_line(**overrides) -> bytes:
+    task = {"instruction": "Name a planet.", "instances": [{"input": "", "output": "Mars"}]} | overrides
+    return json.dumps(task).encode()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("output_dir_is_a_file", r"--output_dir '.*notes\.txt': .*notes\.txt is a file, not a folder"),
+        ("output_dir_under_a_file", r"--output_dir '.*notes\.txt/run': .*notes\.txt is a file, not a folder"),
+        ("count_not_a_number", r"--num_instructions_to_generate must be a whole number, not 'abc'"),
+        ("invalid_utf8", r"seeds\.jsonl line 2: not valid UTF-8 \(byte 0xff at column 20\)"),
+        ("deeply_nested", r"seeds\.jsonl line 2: JSON nested too deeply"),
+        ("huge_integer", r"seeds\.jsonl line 2: not valid JSON \(Exceeds the limit \(4300 digits\)"),
+    ],
+)
+def test_user_mistakes_are_one_error_line_before_any_request(tmp_path, capsys, case, message):
+    from alpaca.cli import run
+
+    seeds, notes = tmp_path / "seeds.jsonl", tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    second = {
+        "invalid_utf8": b'{"instruction": "Na\xffme a star.", "instances": [{"input": "", "output": "Sun"}]}',
+        "deeply_nested": b'{"instruction": "x", "instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "huge_integer": seed_line(id=0)[:-1] + b', "n": ' + b"7" * 5000 + b"}",
+    }.get(case, seed_line())
+    seeds.write_bytes(seed_line() + b"\n" + second + b"\n" + seed_line() + b"\n")
+    flags = {
+        "output_dir_is_a_file": [f"--output_dir={notes}"],
+        "output_dir_under_a_file": [f"--output_dir={notes}/run"],
+        "count_not_a_number": ["--num_instructions_to_generate=abc"],
+    }.get(case, [])
+    with ScriptedOpenAIServer(synthetic_responder) as server:
+        argv = [
+            f"--seed_tasks_path={seeds}",
+            f"--output_dir={tmp_path / 'out'}",
+            f"--base_url={server.base_url}",
+        ]
+        with pytest.raises(SystemExit) as exited:
+            run(
+                generate_instruction.generate_instruction_following_data,
+                "generate_instruction.py",
+                argv + flags,
+            )
+    assert exited.value.code == 2 and server.log == []
+    err = capsys.readouterr().err
+    assert err.startswith("generate_instruction.py: error: ") and len(err.strip().splitlines()) <= 2, err
+    assert re.search(message, err), err
+    assert notes.read_text() == "my notes\n" and not (tmp_path / "out").exists()

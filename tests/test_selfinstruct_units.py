@@ -178,3 +178,75 @@ def test_journal_drops_a_torn_last_line_and_resumes_after_it(tmp_path):
     assert (state.seed, state.records, state.next_request) == (5, [record], 2)
     assert state.totals == {"requests": 2, "kept": 1, "rejected": {"blacklist": 3}}
     assert journal.path.read_bytes().endswith(b"\n")
+
+
+def write_journal(tmp_path, requests: int) -> Journal:
+    """A journal of a header and ``requests`` request lines, each keeping one record."""
+    journal = Journal(tmp_path)
+    journal.start(seed=5, imported=[])
+    for index in range(requests):
+        record = {"instruction": f"Task {index}", "input": "", "output": "Out."}
+        journal.append_request(index, [record], {"requests": 1, "kept": 1})
+    journal.close()
+    return journal
+
+
+def test_a_garbled_line_inside_the_journal_is_an_error_and_deletes_nothing(tmp_path):
+    journal = write_journal(tmp_path, 41)
+    lines = journal.path.read_bytes().split(b"\n")
+    assert len(lines) == 43 and lines[-1] == b""  # 42 lines
+    lines[5] = lines[5][:30] + b"\x00\x00garbled" + lines[5][40:]
+    damaged = b"\n".join(lines)
+    journal.path.write_bytes(damaged)
+    with pytest.raises(
+        ValueError, match=r"regen_journal\.jsonl line 6: not valid JSON .*Nothing was changed"
+    ):
+        Journal(tmp_path).load()
+    assert journal.path.read_bytes() == damaged
+    assert [path.name for path in tmp_path.iterdir()] == ["regen_journal.jsonl"]
+    # A line that parses but is not an entry, a repeated request, bad UTF-8: each named, nothing cut.
+    for bad, problem in [
+        (b'{"kind": "request", "request": 3}', "without a request number, records and counts"),
+        (lines[3], "request 2 again, after request 3"),
+        (b'{"kind": "request", "records": ["\xff"]}', "not valid UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"seed": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    ]:
+        damaged = b"\n".join([*lines[:5], bad, *lines[6:]])
+        journal.path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"line 6: .*{problem}"):
+            Journal(tmp_path).load()
+        assert journal.path.read_bytes() == damaged
+    # Deleting the bad line, as the message offers, resumes with everything else.
+    journal.path.write_bytes(b"\n".join([*lines[:5], *lines[6:]]))
+    state = Journal(tmp_path).load()
+    assert len(state.records) == 40 and state.next_request == 41 and "'Task 4'" not in str(state.records)
+
+
+def test_a_torn_last_line_is_set_aside_in_a_side_file(tmp_path, capsys):
+    journal = write_journal(tmp_path, 3)
+    whole = journal.path.read_bytes()
+    torn = b'{"kind": "request", "request": 3, "records": [{"instru'
+    journal.path.write_bytes(whole + torn)
+    state = Journal(tmp_path).load()
+    assert state.next_request == 3 and len(state.records) == 3
+    assert journal.path.read_bytes() == whole
+    (side,) = tmp_path.glob("regen_journal.jsonl.torn-*")
+    assert side.read_bytes() == torn
+    assert f"moved to {side}" in capsys.readouterr().err
+    # An unparseable last line that does end in a newline (a crash's garbage) is set aside the same way.
+    journal.path.write_bytes(whole + b"\x00" * 20 + b"\n")
+    assert Journal(tmp_path).load().next_request == 3 and journal.path.read_bytes() == whole
+    assert len(list(tmp_path.glob("regen_journal.jsonl.torn-*"))) == 2
+    # A whole last entry that only lacks its newline is kept, and the newline is added.
+    journal.path.write_bytes(whole[:-1])
+    assert Journal(tmp_path).load().next_request == 3 and journal.path.read_bytes() == whole
+
+
+def test_a_journal_whose_only_line_was_torn_gets_a_header_again(tmp_path):
+    (tmp_path / "regen_journal.jsonl").write_bytes(b'{"kind": "hea')
+    journal = Journal(tmp_path)
+    assert journal.load().seed is None
+    journal.start(seed=9, imported=[])
+    journal.close()
+    assert Journal(tmp_path).load().seed == 9

@@ -40,6 +40,7 @@ class Reply:
         retries: attempts beyond the first.
         failure: why the reply was unusable (malformed JSON, no choices), None when it was usable.
         max_tokens: the ``max_tokens`` finally sent (after any "prompt too long" shrinking).
+        from_journal: an earlier run paid for this reply and journaled it unapplied.
     """
 
     text: str = ""
@@ -49,6 +50,7 @@ class Reply:
     retries: int = 0
     failure: str | None = None
     max_tokens: int = 0
+    from_journal: bool = False
 
 
 @dataclass

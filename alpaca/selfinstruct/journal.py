@@ -4,12 +4,16 @@ Upstream rewrote all of ``regen.json`` after every request, so saving cost grew 
 kill during the write left it truncated. Here each applied request becomes one journal line, appended
 and fsynced (cost proportional to the new records); ``regen.json`` is rebuilt from memory now and
 then and at the end, through a temporary file and ``os.replace``, so it is always either the old or the
-new complete file. A rerun reads the journal, drops a torn last line, and continues after the last
-applied request.
+new complete file. A rerun reads the journal, sets a torn last line aside (into a ``.torn-TIME``
+file), and continues after the last applied request; a damaged line anywhere else stops it, naming the
+line, with nothing deleted. Replies that were paid for but not applied when a run stopped (requests in
+flight past its stop) are journaled too, so a rerun uses them instead of buying them again.
 """
 
 import json
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +36,8 @@ class JournalState:
         next_request: the index of the first request not yet applied.
         totals: summed per-request counters (requests, failures, tokens, rejections...).
         adopted: the records come from a regen.json without a journal (an upstream run's output).
+        stored_replies: replies paid for but not applied when a run stopped, by request index.
+        requests_without_new: how many requests in a row, up to the last applied, kept nothing.
     """
 
     seed: int | None = None
@@ -40,6 +46,8 @@ class JournalState:
     next_request: int = 0
     totals: dict = field(default_factory=dict)
     adopted: bool = False
+    stored_replies: dict[int, dict] = field(default_factory=dict)
+    requests_without_new: int = 0
 
 
 def add_counts(totals: dict, counts: dict) -> None:
@@ -49,6 +57,22 @@ def add_counts(totals: dict, counts: dict) -> None:
             add_counts(totals.setdefault(key, {}), value)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             totals[key] = totals.get(key, 0) + value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _are_records(records) -> bool:
+    return isinstance(records, list) and all(
+        isinstance(record, dict) and isinstance(record.get("instruction"), str) for record in records
+    )
+
+
+def _are_counts(counts) -> bool:
+    return isinstance(counts, dict) and all(
+        isinstance(value, (int, float, dict)) and not isinstance(value, bool) for value in counts.values()
+    )
 
 
 def write_json_atomically(path: Path, data) -> None:
@@ -82,11 +106,13 @@ class Journal:
 
     def _read_regen(self) -> list[dict]:
         try:
-            records = json.loads(self.regen_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
+            records = json.loads(self.regen_path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as error:
+            # Not JSON, not UTF-8, nested too deeply, or an integer over Python's 4,300-digit limit.
+            where = f" at line {error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
             raise ValueError(
-                f"{self.regen_path}: not valid JSON ({error.msg} at line {error.lineno}); move it away to "
-                "start fresh, or restore it."
+                f"{self.regen_path}: not valid JSON ({getattr(error, 'msg', error)}{where}); move it away "
+                "to start fresh, or restore it."
             ) from None
         if not isinstance(records, list) or not all(
             isinstance(record, dict) and isinstance(record.get("instruction"), str) for record in records
@@ -95,27 +121,101 @@ class Journal:
         return records
 
     def _read(self) -> JournalState:
+        """Apply every journal line; only a damaged last line (a kill's signature) is set aside.
+
+        A kill mid-append leaves at most the last line torn (each entry is one write ending in a
+        newline). A bad line anywhere else was damaged on disk or by hand, and every line after it
+        is a paid-for request: the run stops naming it, and nothing is deleted.
+        """
         state = JournalState()
         data = self.path.read_bytes()
-        good_end = 0
-        for line in data.splitlines(keepends=True):
-            # A line without its newline, or that does not parse, was torn by a kill mid-write.
-            if not line.endswith(b"\n"):
-                break
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            self._apply_entry(state, entry)
-            good_end += len(line)
-        if good_end < len(data):
-            with self.path.open("r+b") as handle:
-                handle.truncate(good_end)
+        lines = data.split(b"\n")
+        if not lines[-1].strip():
+            lines.pop()
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+        offset = 0
+        for index, line in enumerate(lines):
+            if line.strip():
+                entry, problem = self._parse_entry(state, line)
+                if problem and index == last:
+                    self._set_aside_torn_tail(offset, data[offset:], problem)
+                    break
+                if problem:
+                    raise ValueError(
+                        f"{self.path} line {index + 1}: {problem}. Nothing was changed: the lines after it "
+                        "hold paid-for requests. Repair that line, or delete it (losing only what that line "
+                        "held), and rerun."
+                    )
+                self._apply_entry(state, entry)
+            offset += len(line) + 1
+        if data and not data.endswith(b"\n") and offset >= len(data):
+            # The last entry is whole and only its newline is missing: complete the line.
+            with self.path.open("ab") as handle:
+                handle.write(b"\n")
         return state
+
+    def _set_aside_torn_tail(self, offset: int, tail: bytes, problem: str) -> None:
+        """Copy the torn last line to a side file, then cut it off the journal so appends stay whole."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup = self.path.with_name(f"{self.path.name}.torn-{stamp}")
+        number = 1
+        while backup.exists():
+            number += 1
+            backup = self.path.with_name(f"{self.path.name}.torn-{stamp}-{number}")
+        with backup.open("wb") as handle:
+            handle.write(tail)
+            handle.flush()
+            os.fsync(handle.fileno())
+        with self.path.open("r+b") as handle:
+            handle.truncate(offset)
+            os.fsync(handle.fileno())
+        print(
+            f"warning: {self.path}: the last line was torn ({problem}), as a kill mid-write leaves it; "
+            f"its {len(tail)} bytes were moved to {backup} and that request will be sent again.",
+            file=sys.stderr,
+        )
+
+    @staticmethod
+    def _parse_entry(state: "JournalState", line: bytes) -> tuple[dict | None, str]:
+        """The entry on ``line`` and "" when it is well-formed and in order, else None and the problem."""
+        try:
+            entry = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            return None, f"not valid UTF-8 (byte {error.start + 1})"
+        except RecursionError:
+            return None, "not a journal entry (JSON nested too deeply)"
+        except ValueError as error:
+            return None, f"not valid JSON ({getattr(error, 'msg', error)})"
+        kind = entry.get("kind") if isinstance(entry, dict) else None
+        if kind == "header":
+            return entry, "" if entry.get("seed") is None or _is_int(
+                entry.get("seed")
+            ) else "a header without a seed"
+        if kind == "import":
+            return entry, "" if _are_records(entry.get("records")) else "an import without a list of records"
+        if kind == "request":
+            request = entry.get("request")
+            if not (
+                _is_int(request) and _are_records(entry.get("records")) and _are_counts(entry.get("counts"))
+            ):
+                return None, "a request entry without a request number, records and counts"
+            if request < state.next_request:
+                return None, f"request {request} again, after request {state.next_request - 1}"
+            return entry, ""
+        if kind == "reply":
+            if not (
+                _is_int(entry.get("request"))
+                and isinstance(entry.get("prompt_sha256"), str)
+                and isinstance(entry.get("reply"), dict)
+                and _are_counts(entry.get("counts"))
+            ):
+                return None, "a reply entry without a request number, prompt hash, reply and counts"
+            return entry, ""
+        return None, "not a journal entry (no known 'kind')"
 
     @staticmethod
     def _apply_entry(state: JournalState, entry: dict) -> None:
-        kind = entry.get("kind")
+        kind = entry["kind"]
         if kind == "header":
             state.seed = entry.get("seed")
         elif kind == "import":
@@ -125,12 +225,19 @@ class Journal:
             state.records += entry["records"]
             state.record_requests += [entry["request"]] * len(entry["records"])
             state.next_request = entry["request"] + 1
+            state.requests_without_new = 0 if entry["records"] else state.requests_without_new + 1
+            state.stored_replies.pop(entry["request"], None)
+            add_counts(state.totals, entry["counts"])
+        elif kind == "reply":
+            # A reply paid for but not applied (the run stopped first): counted now, used by a rerun.
+            state.stored_replies[entry["request"]] = entry
             add_counts(state.totals, entry["counts"])
 
     def start(self, seed: int, imported: list[dict]) -> None:
         """Open the journal for appending; a new one gets a header (and any adopted regen.json records)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        is_new = not self.path.exists()
+        # Empty when a kill tore the very first line (set aside on load): it still needs its header.
+        is_new = not self.path.exists() or self.path.stat().st_size == 0
         self._handle = self.path.open("ab")
         if is_new:
             self._append({"kind": "header", "version": JOURNAL_VERSION, "seed": seed})
@@ -140,6 +247,24 @@ class Journal:
     def append_request(self, request_index: int, records: list[dict], counts: dict) -> None:
         """Durably record one applied request: its kept records and its counters."""
         self._append({"kind": "request", "request": request_index, "records": records, "counts": counts})
+
+    def append_reply(self, request_index: int, prompt_sha256: str, reply: dict, counts: dict) -> None:
+        """Durably keep a reply that was paid for but not applied, so a rerun uses it instead of buying it.
+
+        Args:
+            prompt_sha256: the prompt's hash; a rerun whose prompt for this request differs sends it anew.
+            reply: the reply's fields (text, finish reason, usage...).
+            counts: its tokens and retries, counted in the totals from now on.
+        """
+        self._append(
+            {
+                "kind": "reply",
+                "request": request_index,
+                "prompt_sha256": prompt_sha256,
+                "reply": reply,
+                "counts": counts,
+            }
+        )
 
     def _append(self, entry: dict) -> None:
         # One write of one complete line, then fsync: a kill leaves at most a torn last line.

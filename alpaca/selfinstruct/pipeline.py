@@ -9,10 +9,12 @@ for any ``max_concurrent_requests``, and a resumed run continues exactly where t
 import asyncio
 import bisect
 import dataclasses
+import hashlib
 import json
 import os
 import random
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,13 @@ from alpaca.selfinstruct.client import APIFailure, CompletionClient, Reply, Retr
 from alpaca.selfinstruct.cost import CostMeter, resolve_prices
 from alpaca.selfinstruct.journal import Journal, JournalState, add_counts, write_json_atomically
 from alpaca.selfinstruct.parsing import parse_reply
-from alpaca.selfinstruct.prompts import MACHINE_EXAMPLE_LAG, encode_prompt, request_rng, sample_examples
+from alpaca.selfinstruct.prompts import (
+    MACHINE_EXAMPLE_LAG,
+    chat_messages,
+    encode_prompt,
+    request_rng,
+    sample_examples,
+)
 from alpaca.selfinstruct.seeds import load_seed_tasks
 from alpaca.selfinstruct.similarity import SimilarityIndex
 
@@ -29,6 +37,12 @@ CONFIG_NAME = "generate_instruction_config.json"
 SUMMARY_NAME = "generate_instruction_summary.json"
 # Items after N+1 are numbered up to 19 (the stop sequences end the list before 20).
 MAX_PROMPT_INSTRUCTIONS = 18
+# A bound on the tokens a chat or completions request adds around its text (role markers, BOS...).
+PROMPT_OVERHEAD_TOKENS = 32
+
+
+class GenerationStalled(RuntimeError):
+    """Too many requests in a row kept nothing (--max_requests_without_new); everything is saved."""
 
 
 @dataclass
@@ -59,9 +73,13 @@ class GenerationConfig:
     export_alpaca_data: bool = True
     save_every_s: float = 10.0
     progress: bool = True
+    max_requests_without_new: int = 50
 
     def problems(self) -> list[str]:
         """Every invalid setting, each with the flag name and what is allowed."""
+        wrong_types = self.type_problems()
+        if wrong_types:
+            return wrong_types
         checks = [
             (self.num_instructions_to_generate >= 1, "--num_instructions_to_generate must be at least 1"),
             (
@@ -84,6 +102,11 @@ class GenerationConfig:
                 0 <= self.num_machine_instructions <= self.num_prompt_instructions,
                 "--num_machine_instructions must be between 0 and --num_prompt_instructions",
             ),
+            (
+                self.max_requests_without_new >= 0,
+                "--max_requests_without_new must be 0 (no limit) or more",
+            ),
+            output_dir_check(self.output_dir),
         ]
         for name in ("prompt_price_per_1m", "completion_price_per_1m"):
             value = getattr(self, name)
@@ -99,10 +122,49 @@ class GenerationConfig:
             )
         return [message for ok, message in checks if not ok]
 
+    def type_problems(self) -> list[str]:
+        """Flags whose value has the wrong type (fire passes ``--num_instructions_to_generate=abc`` as text)."""
+        wanted = {bool: "True or False", int: "a whole number", float: "a number", str: "text"}
+        problems = []
+        for spec in dataclasses.fields(self):
+            value, kinds = getattr(self, spec.name), typing.get_args(spec.type) or (spec.type,)
+            optional = type(None) in kinds
+            base = next(kind for kind in kinds if kind is not type(None))
+            if value is None and optional:
+                continue
+            if base is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
+            if not ok:
+                problems.append(
+                    f"--{spec.name} must be {wanted[base]}{' (or left out)' if optional else ''}, not {value!r}"
+                )
+        return problems
+
+
+def output_dir_check(output_dir: str) -> tuple[bool, str]:
+    """--output_dir must be a folder or creatable as one: no part of it may be an existing file."""
+    path = Path(output_dir).expanduser()
+    for part in (path, *path.parents):
+        if part.exists():
+            return part.is_dir(), (
+                f"--output_dir {output_dir!r}: {part} is a file, not a folder; give a folder path "
+                "(it is created if missing)"
+            )
+    return True, ""
+
 
 @dataclass
 class RunState:
-    """Everything the loop mutates, in one place."""
+    """Everything the loop mutates, in one place.
+
+    Attributes:
+        stored_replies: replies an earlier run paid for but did not apply, by request index.
+        requests_without_new: requests in a row, up to the last applied, that kept nothing.
+        reserved_usd: for each request in flight, the most it can cost (held against --max_cost_usd).
+        prompt_hashes: for each request in flight, its prompt's hash (journaled with an unapplied reply).
+    """
 
     records: list[dict]
     record_requests: list[int]
@@ -110,7 +172,12 @@ class RunState:
     totals: dict
     session: dict
     meter: CostMeter
+    stored_replies: dict[int, dict] = dataclasses.field(default_factory=dict)
+    requests_without_new: int = 0
+    reserved_usd: dict[int, float] = dataclasses.field(default_factory=dict)
+    prompt_hashes: dict[int, str] = dataclasses.field(default_factory=dict)
     stop_reason: str = ""
+    stalled: bool = False
     last_refresh: float = 0.0
     batch_generated: int = 0
     batch_kept: int = 0
@@ -123,6 +190,7 @@ def generate(config: GenerationConfig) -> dict:
     Raises:
         ValueError: for invalid settings or seed files (every problem is listed).
         APIFailure: when a request cannot succeed; everything kept so far is saved first.
+        GenerationStalled: when --max_requests_without_new requests in a row kept nothing (saved first).
     """
     problems = config.problems()
     if problems:
@@ -149,7 +217,14 @@ def generate(config: GenerationConfig) -> dict:
         prices, previous.totals.get("prompt_tokens", 0), previous.totals.get("completion_tokens", 0)
     )
     state = RunState(
-        previous.records, previous.record_requests, previous.next_request, previous.totals, {}, meter
+        previous.records,
+        previous.record_requests,
+        previous.next_request,
+        previous.totals,
+        {},
+        meter,
+        stored_replies=previous.stored_replies,
+        requests_without_new=previous.requests_without_new,
     )
     failure = None
     try:
@@ -166,6 +241,8 @@ def generate(config: GenerationConfig) -> dict:
     print_summary(summary)
     if failure is not None:
         raise failure
+    if state.stalled:
+        raise GenerationStalled(state.stop_reason)
     return summary
 
 
@@ -227,18 +304,57 @@ def api_seed(seed: int, request_index: int) -> int:
 
 def should_stop(config: GenerationConfig, state: RunState) -> bool:
     """Upstream checked the target between batches of ``request_batch_size`` requests; so do we
-    (batches are fixed ranges of request indices, so a resumed run stops where an unbroken one would)."""
+    (batches are fixed ranges of request indices, so a resumed run stops where an unbroken one would).
+    Requests that keep nothing are counted in a row, so a run whose every reply is a duplicate ends."""
     if (
         len(state.records) >= config.num_instructions_to_generate
         and state.next_to_apply % config.request_batch_size == 0
     ):
         state.stop_reason = f"reached {config.num_instructions_to_generate} instructions"
         return True
-    usd = state.meter.usd
-    if config.max_cost_usd is not None and usd is not None and usd >= config.max_cost_usd:
-        state.stop_reason = f"reached --max_cost_usd={config.max_cost_usd} (spent ${usd:.4f})"
+    limit = config.max_requests_without_new
+    if limit and state.requests_without_new >= limit:
+        state.stalled = True
+        state.stop_reason = (
+            f"the last {state.requests_without_new} requests kept no new instruction "
+            f"(--max_requests_without_new={limit}): every reply was a near-duplicate of a kept one, or "
+            f"unusable. {len(state.records)} instructions are kept and the journal is intact; rerun with a "
+            "higher --max_requests_without_new (0: no limit) to continue, or change the seed tasks, "
+            "--temperature or the model"
+        )
         return True
     return False
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def worst_case_usd(config: GenerationConfig, meter: CostMeter, prompt: str) -> float | None:
+    """The most one request can be billed: its prompt and a full ``--max_tokens`` reply.
+
+    Every current tokenizer spends at least one UTF-8 byte per token of text, so the bytes of the
+    messages (plus a fixed allowance for the tokens around them) bound the prompt tokens.
+    """
+    texts = [message["content"] for message in chat_messages(prompt)] if config.api == "chat" else [prompt]
+    prompt_tokens = sum(len(text.encode("utf-8")) for text in texts) + PROMPT_OVERHEAD_TOKENS
+    return meter.request_cost(prompt_tokens, config.max_tokens)
+
+
+def fits_the_cap(config: GenerationConfig, state: RunState, worst_usd: float | None) -> bool:
+    """Whether a request costing up to ``worst_usd`` can be sent with the cap holding for all in flight."""
+    if config.max_cost_usd is None or worst_usd is None:
+        return True
+    return state.meter.usd + sum(state.reserved_usd.values()) + worst_usd <= config.max_cost_usd
+
+
+def stored_reply(state: RunState, request_index: int, prompt: str) -> Reply | None:
+    """The reply an earlier run paid for, when it answered this very prompt."""
+    entry = state.stored_replies.pop(request_index, None)
+    if entry is None or entry["prompt_sha256"] != prompt_hash(prompt):
+        return None
+    fields = {spec.name for spec in dataclasses.fields(Reply)}
+    return Reply(**{key: value for key, value in entry["reply"].items() if key in fields}, from_journal=True)
 
 
 async def run_requests(config, seed, seed_examples, index, journal, state: RunState) -> None:
@@ -264,6 +380,7 @@ async def run_requests(config, seed, seed_examples, index, journal, state: RunSt
     in_flight: dict[int, asyncio.Task] = {}
     next_to_send = state.next_to_apply
     state.last_refresh = state.batch_started = time.monotonic()
+    finished, worst = False, None
     try:
         while not should_stop(config, state):
             while len(in_flight) < config.max_concurrent_requests and (
@@ -273,10 +390,28 @@ async def run_requests(config, seed, seed_examples, index, journal, state: RunSt
                 prompt = build_prompt(
                     config, seed, next_to_send, seed_examples, state.records, state.record_requests
                 )
-                in_flight[next_to_send] = asyncio.create_task(
-                    client.complete(prompt, api_seed(seed, next_to_send))
-                )
+                reused = stored_reply(state, next_to_send, prompt)
+                if reused is not None:
+                    in_flight[next_to_send] = asyncio.ensure_future(asyncio.sleep(0, reused))
+                else:
+                    worst = worst_case_usd(config, state.meter, prompt)
+                    if not fits_the_cap(config, state, worst):
+                        break
+                    state.reserved_usd[next_to_send] = worst or 0.0
+                    state.prompt_hashes[next_to_send] = prompt_hash(prompt)
+                    in_flight[next_to_send] = asyncio.create_task(
+                        client.complete(prompt, api_seed(seed, next_to_send))
+                    )
                 next_to_send += 1
+            if state.next_to_apply not in in_flight:
+                # Nothing is in flight and even the next request might cost more than is left.
+                state.stop_reason = (
+                    f"reached --max_cost_usd={config.max_cost_usd}: spent ${state.meter.usd:.6f}, and the "
+                    f"next request could cost up to ${worst:.6f} (its prompt and a full --max_tokens="
+                    f"{config.max_tokens} reply), which would pass the cap; raise --max_cost_usd (or lower "
+                    "--max_tokens) to continue"
+                )
+                break
             reply = await in_flight.pop(state.next_to_apply)
             apply_reply(config, index, journal, state, reply)
             # Like upstream, the last batch may overshoot the target; let the bar show it.
@@ -286,18 +421,53 @@ async def run_requests(config, seed, seed_examples, index, journal, state: RunSt
             if time.monotonic() - state.last_refresh >= config.save_every_s:
                 journal.write_regen(state.records)
                 state.last_refresh = time.monotonic()
+        finished = True
     finally:
+        progress.close()
+        await settle_in_flight(journal, state, in_flight, wait=finished)
+        await client.close()
+
+
+async def settle_in_flight(journal: Journal, state: RunState, in_flight: dict, wait: bool) -> None:
+    """Count and journal every reply that was paid for but not applied, so a rerun uses it.
+
+    After a normal stop the requests still running are awaited (the server bills them whether or not
+    anyone reads the reply); after a failure or Ctrl-C they are abandoned, and what the server bills
+    for them cannot be known.
+    """
+    running = sum(not task.done() for task in in_flight.values())
+    if wait and running:
+        print(f"Waiting for the {running} requests still in flight (paid for; kept for a rerun)")
+    if not wait:
         for task in in_flight.values():
             task.cancel()
-        await asyncio.gather(*in_flight.values(), return_exceptions=True)
-        state.session["discarded_in_flight"] = len(in_flight)
-        await client.close()
-        progress.close()
+    results = await asyncio.gather(*in_flight.values(), return_exceptions=True)
+    kept = 0
+    for request_index, result in sorted(zip(in_flight, results), key=lambda pair: pair[0]):
+        if not isinstance(result, Reply):
+            continue
+        if result.from_journal:
+            continue  # still in the journal from the run that bought it
+        counts = {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "retries": result.retries,
+            "stored_replies": 1,
+        }
+        reply = {key: value for key, value in dataclasses.asdict(result).items() if key != "from_journal"}
+        journal.append_reply(request_index, state.prompt_hashes[request_index], reply, counts)
+        state.meter.add(result.prompt_tokens, result.completion_tokens)
+        add_counts(state.totals, counts)
+        add_counts(state.session, counts)
+        kept += 1
+    state.session["discarded_in_flight"] = len(in_flight) - kept
 
 
 def apply_reply(config, index: SimilarityIndex, journal: Journal, state: RunState, reply: Reply) -> None:
     """Parse, filter and durably record one reply, then account for it."""
     request_index = state.next_to_apply
+    state.reserved_usd.pop(request_index, None)
+    state.prompt_hashes.pop(request_index, None)
     candidates, counts, well_formed = [], {"rejected": {}}, 0
     if reply.failure is None:
         parsed = parse_reply(
@@ -312,25 +482,31 @@ def apply_reply(config, index: SimilarityIndex, journal: Journal, state: RunStat
             candidate["most_similar_instructions"] = verdict.most_similar_instructions
             candidate["avg_similarity_score"] = verdict.avg_similarity_score
             kept.append(candidate)
+    # A reply an earlier run paid for was counted when it was journaled; count only its use now.
+    paid = not reply.from_journal
     counts.update(
         requests=1,
         failed_replies=int(reply.failure is not None),
         empty_replies=int(reply.failure is None and well_formed == 0),
-        retries=reply.retries,
-        prompt_tokens=reply.prompt_tokens,
-        completion_tokens=reply.completion_tokens,
+        retries=reply.retries if paid else 0,
+        prompt_tokens=reply.prompt_tokens if paid else 0,
+        completion_tokens=reply.completion_tokens if paid else 0,
         generated=len(candidates),
         kept=len(kept),
     )
+    if not paid:
+        counts["stored_replies_used"] = 1
     counts["rejected"]["rouge_similar"] = len(candidates) - len(kept)
     if reply.failure is not None:
         counts["failures"] = {reply.failure: 1}
     journal.append_request(request_index, kept, counts)
     state.records += kept
     state.record_requests += [request_index] * len(kept)
+    state.requests_without_new = 0 if kept else state.requests_without_new + 1
     add_counts(state.totals, counts)
     add_counts(state.session, counts)
-    state.meter.add(reply.prompt_tokens, reply.completion_tokens)
+    if paid:
+        state.meter.add(reply.prompt_tokens, reply.completion_tokens)
     state.next_to_apply = request_index + 1
     state.batch_generated += len(candidates)
     state.batch_kept += len(kept)

@@ -4,12 +4,15 @@ It speaks the wire protocol the real API does (``POST /v1/completions`` and
 ``/v1/chat/completions``, JSON bodies with ``choices`` and ``usage``), on 127.0.0.1 only. What it
 answers is decided by a ``responder(prompt, attempt)`` callable, where ``attempt`` counts how often
 that same prompt was received before; it returns one of the actions below. ``synthetic_responder``
-makes deterministic self-instruct replies from a hash of the prompt.
+makes deterministic self-instruct replies from a hash of the prompt. Usage is counted in words, and a
+reply longer than the request's ``max_tokens`` words is cut there with finish_reason "length"; the
+usage of every reply sent is in ``usage``, the bill a real API would send.
 """
 
 import hashlib
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +72,14 @@ def _prompt_of(endpoint: str, body: dict) -> str:
     return prompt[0] if isinstance(prompt, list) and prompt else prompt
 
 
+def _cut_to_max_tokens(reply: TextReply, max_tokens) -> TextReply:
+    """A real server stops at ``max_tokens`` (here: words) and says so with finish_reason "length"."""
+    if not isinstance(max_tokens, int) or len(reply.text.split()) <= max_tokens:
+        return reply
+    end = [match.end() for match in re.finditer(r"\S+", reply.text)][max_tokens - 1] if max_tokens > 0 else 0
+    return TextReply(reply.text[:end], finish_reason="length", delay_s=reply.delay_s)
+
+
 def _reply_body(endpoint: str, model: str, prompt: str, reply: TextReply) -> dict:
     if endpoint == "chat":
         choice = {
@@ -107,6 +118,8 @@ class ScriptedOpenAIServer:
         self.responder = responder
         self.latency_s = latency_s
         self.log: list[dict] = []
+        # The usage of every reply sent with a 200, i.e. what a real API would bill.
+        self.usage: list[dict] = []
         self._attempts: dict[str, int] = {}
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), self._handler_class())
@@ -179,7 +192,10 @@ class ScriptedOpenAIServer:
                     elif isinstance(action, RawReply):
                         self._send(200, action.body.encode())
                     else:
+                        action = _cut_to_max_tokens(action, body.get("max_tokens"))
                         reply = _reply_body(endpoint, body.get("model", ""), prompt, action)
+                        with server._lock:
+                            server.usage.append(reply["usage"])
                         self._send(200, json.dumps(reply).encode())
                 except (BrokenPipeError, ConnectionResetError):
                     # The client gave up (its timeout) before the scripted delay ended.

@@ -21,11 +21,17 @@ def load_seed_tasks(path: str) -> list[dict]:
             "--seed_tasks_path=data/seed_tasks_sample.jsonl (or Stanford's 175-task seed_tasks.jsonl)."
         )
     examples = []
-    with file.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            examples.append(_parse_seed_line(line, f"{path} line {line_number}"))
+    for line_number, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
+        where = f"{path} line {line_number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{where}: not valid UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1}). "
+                "Save the seed file as UTF-8."
+            ) from None
+        if line.strip():
+            examples.append(_parse_seed_line(line, where))
     if not examples:
         raise ValueError(
             f"--seed_tasks_path {path!r} holds no seed tasks; it needs one JSON object per line."
@@ -36,10 +42,13 @@ def load_seed_tasks(path: str) -> list[dict]:
 def _parse_seed_line(line: str, where: str) -> dict:
     try:
         task = json.loads(line)
-    except json.JSONDecodeError as error:
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to be a seed task.") from None
+    except ValueError as error:
+        # JSONDecodeError, or Python's limit on integer digits (over 4,300), which is not one.
         raise ValueError(
-            f"{where}: not valid JSON ({error.msg}). The seed file must be JSONL: one complete JSON "
-            "object per line, no commas between lines and no surrounding [ ]."
+            f"{where}: not valid JSON ({getattr(error, 'msg', error)}). The seed file must be JSONL: one "
+            "complete JSON object per line, no commas between lines and no surrounding [ ]."
         ) from None
     if not isinstance(task, dict):
         raise ValueError(f"{where}: expected a JSON object, found {type(task).__name__}.")
