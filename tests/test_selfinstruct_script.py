@@ -286,8 +286,8 @@ def test_max_cost_holds_with_requests_in_flight_and_counts_every_reply(tmp_path)
     with ScriptedOpenAIServer(synthetic_responder, latency_s=0.05) as server:
         regen, summary = run_script(tmp_path, server.base_url, max_cost_usd=12.0, request_timeout=30, **flags)
         first_bill = billed_usd(server)
-        assert summary["stop_reason"].startswith("reached --max_cost_usd=12.0: spent $")
         assert summary["cost_usd"] == pytest.approx(first_bill, abs=1e-9) and first_bill <= 12.0
+        assert summary["stop_reason"].startswith("reached --max_cost_usd=12.0: spent $")
         assert summary["requests"] == len(server.usage) >= 8 and len(regen) == summary["kept"]
         assert max(entry["time"] for entry in server.log[:3]) < min(entry["time"] for entry in server.log[3:])
         # A rerun with a higher cap continues from the journal.

@@ -205,11 +205,11 @@ class Journal:
         if kind == "reply":
             if not (
                 _is_int(entry.get("request"))
-                and isinstance(entry.get("prompt_sha256"), str)
+                and isinstance(entry.get("request_sha256"), str)
                 and isinstance(entry.get("reply"), dict)
                 and _are_counts(entry.get("counts"))
             ):
-                return None, "a reply entry without a request number, prompt hash, reply and counts"
+                return None, "a reply entry without a request number, request hash, reply and counts"
             return entry, ""
         return None, "not a journal entry (no known 'kind')"
 
@@ -248,11 +248,12 @@ class Journal:
         """Durably record one applied request: its kept records and its counters."""
         self._append({"kind": "request", "request": request_index, "records": records, "counts": counts})
 
-    def append_reply(self, request_index: int, prompt_sha256: str, reply: dict, counts: dict) -> None:
+    def append_reply(self, request_index: int, request_sha256: str, reply: dict, counts: dict) -> None:
         """Durably keep a reply that was paid for but not applied, so a rerun uses it instead of buying it.
 
         Args:
-            prompt_sha256: the prompt's hash; a rerun whose prompt for this request differs sends it anew.
+            request_sha256: a hash of the endpoint, model and prompt; a rerun whose request differs sends
+                it anew.
             reply: the reply's fields (text, finish reason, usage...).
             counts: its tokens and retries, counted in the totals from now on.
         """
@@ -260,7 +261,7 @@ class Journal:
             {
                 "kind": "reply",
                 "request": request_index,
-                "prompt_sha256": prompt_sha256,
+                "request_sha256": request_sha256,
                 "reply": reply,
                 "counts": counts,
             }

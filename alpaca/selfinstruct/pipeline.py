@@ -163,7 +163,7 @@ class RunState:
         stored_replies: replies an earlier run paid for but did not apply, by request index.
         requests_without_new: requests in a row, up to the last applied, that kept nothing.
         reserved_usd: for each request in flight, the most it can cost (held against --max_cost_usd).
-        prompt_hashes: for each request in flight, its prompt's hash (journaled with an unapplied reply).
+        request_hashes: for each request in flight, its ``request_hash`` (journaled with an unapplied reply).
     """
 
     records: list[dict]
@@ -175,7 +175,7 @@ class RunState:
     stored_replies: dict[int, dict] = dataclasses.field(default_factory=dict)
     requests_without_new: int = 0
     reserved_usd: dict[int, float] = dataclasses.field(default_factory=dict)
-    prompt_hashes: dict[int, str] = dataclasses.field(default_factory=dict)
+    request_hashes: dict[int, str] = dataclasses.field(default_factory=dict)
     stop_reason: str = ""
     stalled: bool = False
     last_refresh: float = 0.0
@@ -326,8 +326,9 @@ def should_stop(config: GenerationConfig, state: RunState) -> bool:
     return False
 
 
-def prompt_hash(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+def request_hash(config: GenerationConfig, prompt: str) -> str:
+    """What a stored reply answered: the endpoint, the model and the prompt."""
+    return hashlib.sha256(json.dumps([config.api, config.model_name, prompt]).encode("utf-8")).hexdigest()
 
 
 def worst_case_usd(config: GenerationConfig, meter: CostMeter, prompt: str) -> float | None:
@@ -348,10 +349,10 @@ def fits_the_cap(config: GenerationConfig, state: RunState, worst_usd: float | N
     return state.meter.usd + sum(state.reserved_usd.values()) + worst_usd <= config.max_cost_usd
 
 
-def stored_reply(state: RunState, request_index: int, prompt: str) -> Reply | None:
-    """The reply an earlier run paid for, when it answered this very prompt."""
+def stored_reply(config: GenerationConfig, state: RunState, request_index: int, prompt: str) -> Reply | None:
+    """The reply an earlier run paid for, when it answered this very prompt with this model and endpoint."""
     entry = state.stored_replies.pop(request_index, None)
-    if entry is None or entry["prompt_sha256"] != prompt_hash(prompt):
+    if entry is None or entry["request_sha256"] != request_hash(config, prompt):
         return None
     fields = {spec.name for spec in dataclasses.fields(Reply)}
     return Reply(**{key: value for key, value in entry["reply"].items() if key in fields}, from_journal=True)
@@ -390,7 +391,7 @@ async def run_requests(config, seed, seed_examples, index, journal, state: RunSt
                 prompt = build_prompt(
                     config, seed, next_to_send, seed_examples, state.records, state.record_requests
                 )
-                reused = stored_reply(state, next_to_send, prompt)
+                reused = stored_reply(config, state, next_to_send, prompt)
                 if reused is not None:
                     in_flight[next_to_send] = asyncio.ensure_future(asyncio.sleep(0, reused))
                 else:
@@ -398,7 +399,7 @@ async def run_requests(config, seed, seed_examples, index, journal, state: RunSt
                     if not fits_the_cap(config, state, worst):
                         break
                     state.reserved_usd[next_to_send] = worst or 0.0
-                    state.prompt_hashes[next_to_send] = prompt_hash(prompt)
+                    state.request_hashes[next_to_send] = request_hash(config, prompt)
                     in_flight[next_to_send] = asyncio.create_task(
                         client.complete(prompt, api_seed(seed, next_to_send))
                     )
@@ -455,7 +456,7 @@ async def settle_in_flight(journal: Journal, state: RunState, in_flight: dict, w
             "stored_replies": 1,
         }
         reply = {key: value for key, value in dataclasses.asdict(result).items() if key != "from_journal"}
-        journal.append_reply(request_index, state.prompt_hashes[request_index], reply, counts)
+        journal.append_reply(request_index, state.request_hashes[request_index], reply, counts)
         state.meter.add(result.prompt_tokens, result.completion_tokens)
         add_counts(state.totals, counts)
         add_counts(state.session, counts)
@@ -467,7 +468,7 @@ def apply_reply(config, index: SimilarityIndex, journal: Journal, state: RunStat
     """Parse, filter and durably record one reply, then account for it."""
     request_index = state.next_to_apply
     state.reserved_usd.pop(request_index, None)
-    state.prompt_hashes.pop(request_index, None)
+    state.request_hashes.pop(request_index, None)
     candidates, counts, well_formed = [], {"rejected": {}}, 0
     if reply.failure is None:
         parsed = parse_reply(
