@@ -15,18 +15,20 @@ def main(
     lora_weights: str = "tloen/alpaca-lora-7b",
     output_dir: str = "./hf_ckpt",
     max_shard_size: str = "400MB",
-    dtype: str = "fp16",
+    dtype: str = "base",
     overwrite: bool = False,
 ):
     """Export the merged model as a Hugging Face checkpoint.
 
     Args:
-        base_model: base model folder or hub id; defaults to the BASE_MODEL environment variable (as upstream).
+        base_model: base model folder, hub id or .gguf file; defaults to the BASE_MODEL environment variable (as upstream).
         lora_weights: LoRA adapter folder or hub id.
         output_dir: folder to write; must be empty or absent unless --overwrite.
         max_shard_size: largest safetensors shard, e.g. "400MB", "5GB".
-        dtype: precision to merge and save in: fp16 (upstream's), bf16 or fp32.
-        overwrite: replace the contents of an existing non-empty output_dir.
+        dtype: precision to merge and save in: base (default: the base model's own, from its
+            config.json), fp32, fp16 (upstream's) or bf16. The self-check refuses a precision
+            that rounds the adapter's update away.
+        overwrite: replace an existing non-empty output_dir (only once the new export has passed its checks).
     """
     from alpaca.export import export_hf
 

@@ -4,8 +4,10 @@
         --output_dir=./ckpt
 
 Writes `consolidated.00.pth` (Meta's tensor names, q/k un-permuted from the HF rotary layout),
-`params.json` derived from the model's config, and `tokenizer.model`: the input of llama.cpp's
-`examples/convert_legacy_llama.py` and of Meta's reference code. For current llama.cpp prefer export_gguf.py.
+`params.json` derived from the model's config, and the tokenizer: `tokenizer.model` for sentencepiece
+models, the `tokenizer.json` files for BPE models (Llama 3, SmolLM): the input of llama.cpp's
+`examples/convert_legacy_llama.py` (`--vocab-type spm`, or `bpe` for byte-level BPE) and of Meta's
+reference code. For current llama.cpp prefer export_gguf.py.
 """
 
 import os
@@ -15,17 +17,19 @@ def main(
     base_model: str = "",
     lora_weights: str = "tloen/alpaca-lora-7b",
     output_dir: str = "./ckpt",
-    dtype: str = "fp16",
+    dtype: str = "base",
     overwrite: bool = False,
 ):
     """Export the merged model in Meta's consolidated.00.pth layout.
 
     Args:
-        base_model: LLaMA base model folder or hub id; defaults to the BASE_MODEL environment variable.
+        base_model: LLaMA base model folder, hub id or .gguf file; defaults to the BASE_MODEL environment variable.
         lora_weights: LoRA adapter folder or hub id.
         output_dir: folder to write; must be empty or absent unless --overwrite.
-        dtype: precision to merge and save in: fp16 (upstream's), bf16 or fp32.
-        overwrite: replace the contents of an existing non-empty output_dir.
+        dtype: precision to merge and save in: base (default: the base model's own, from its
+            config.json), fp32, fp16 (upstream's) or bf16. The self-check refuses a precision
+            that rounds the adapter's update away.
+        overwrite: replace an existing non-empty output_dir (only once the new export has passed its checks).
     """
     from alpaca.export import export_meta
 

@@ -60,6 +60,7 @@ def train(
     gradient_checkpointing: bool = False,
     report_to: str | None = None,
     trust_remote_code: bool = False,
+    overwrite: bool = False,
     **training_args,
 ) -> dict:
     """Fine-tune `base_model` on Alpaca-format instruction data.
@@ -68,11 +69,13 @@ def train(
     --save_strategy, --optim, ...); flags that transformers 5 renamed or removed are mapped.
 
     Args:
-        base_model: model folder or hub id (any AutoModelForCausalLM; LLaMA and OPT tested). Required.
-            Stanford's --model_name_or_path is an alias.
-        data_path: a .json (list) or .jsonl file of {instruction, input, output} records, or a Hugging
-            Face dataset name.
+        base_model: model folder, hub id (any AutoModelForCausalLM; LLaMA and OPT tested) or a .gguf
+            file (converted once to a cached HF folder). Required. Stanford's --model_name_or_path is an
+            alias.
+        data_path: a JSON list or JSONL file of {instruction, input, output} records (told apart by
+            content, not by name), or a Hugging Face dataset name.
         output_dir: where the adapter (or model), tokenizer, checkpoints, run_config.json, loss.png go.
+            A folder holding another run's files is refused unless --overwrite or a resume.
         batch_size: global batch (examples per optimizer step, all ranks together). Default 128.
         micro_batch_size: examples per forward pass per device. Default 4. Stanford's
             --per_device_train_batch_size is an alias.
@@ -94,9 +97,10 @@ def train(
         wandb_run_name: wandb run name.
         wandb_watch: wandb gradient watching: false, gradients or all.
         wandb_log_model: upload checkpoints to wandb: false, checkpoint or end.
-        resume_from_checkpoint: a Trainer checkpoint folder (restores optimizer, scheduler and step),
-            `latest` (newest checkpoint-* in output_dir), or a final adapter folder (weights only;
-            the schedule restarts).
+        resume_from_checkpoint: a complete Trainer checkpoint folder (restores optimizer, scheduler
+            and step), `latest` (the newest complete checkpoint-N in output_dir; half-written ones
+            are skipped), or a final adapter folder (weights only; the schedule restarts). A
+            checkpoint must come from the same run (data, model, settings in run_config.json).
         prompt_template_name: a template in templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or
             a path to a JSON template.
         use_lora: train LoRA adapters (True) or every weight (False, Stanford's recipe).
@@ -108,8 +112,9 @@ def train(
         eval_steps: evaluate every N steps when there is a validation set.
         save_steps: checkpoint every N steps.
         save_total_limit: keep at most N checkpoints.
-        warmup_steps: learning-rate warmup; a value below 1 is a fraction of the run. Default 100 with
-            LoRA, 0.03 (Stanford's warmup_ratio) for full fine-tuning.
+        warmup_steps: learning-rate warmup; a value below 1 is a fraction of the run (--warmup_ratio
+            is an alias). Default 100 with LoRA, 0.03 (Stanford's warmup_ratio) for full fine-tuning.
+            A warning says so when the warmup is not shorter than the run.
         weight_decay: AdamW weight decay. Default 0.
         lr_scheduler_type: linear (LoRA default) or cosine (full fine-tuning default), or any HF name.
         max_steps: stop after N optimizer steps (overrides num_epochs); -1 for none.
@@ -118,6 +123,7 @@ def train(
         report_to: comma-separated integrations (wandb, tensorboard, none). Default: wandb when a wandb
             project is set, else none.
         trust_remote_code: allow model code from the hub (off by default).
+        overwrite: clear a non-empty --output_dir (another run's files) before training.
     """
     from alpaca.training import run_finetune
 

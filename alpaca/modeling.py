@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -63,8 +66,54 @@ def check_model_path(path: str, flag: str = "--base_model") -> None:
     looks_local = path.startswith((".", "/", "~")) or p.exists() or path.count("/") > 1
     if looks_local and not p.exists():
         raise ValueError(f"{flag}={path!r}: no such folder")
-    if p.is_dir() and not (p / "config.json").is_file() and flag == "--base_model":
-        raise ValueError(f"{flag}={path!r}: the folder has no config.json; is it a model folder?")
+    if p.is_dir() and flag == "--base_model":
+        check_model_folder(p, flag)
+
+
+# Weight files `from_pretrained` reads, in its order of preference.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_model_folder(folder: Path, flag: str = "--base_model") -> None:
+    """Raise a ValueError naming the file when a local model folder cannot load: no or unreadable
+    `config.json`, no weights, or a weight file that is truncated or garbage. Reads headers only, so a
+    broken folder fails in milliseconds instead of after (or in the middle of) loading the model."""
+    from alpaca.files import safetensors_problem, torch_file_problem
+
+    where = f"{flag}={str(folder)!r}"
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{where}: the folder has no config.json; is it a model folder?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{where}: {config_path} is not valid JSON ({err})") from err
+    if not isinstance(config, dict) or not isinstance(config.get("model_type", ""), str):
+        raise ValueError(f"{where}: {config_path} must be a JSON object with a model_type")
+    present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        raise ValueError(
+            f"{where}: the folder has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+            "was the download or save interrupted?"
+        )
+    name = present[0]
+    shards = [name]
+    if name.endswith(".index.json"):
+        try:
+            weight_map = json.loads((folder / name).read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{where}: {folder / name} is not a valid weight index ({err})") from err
+    for shard in shards:
+        check = safetensors_problem if shard.endswith(".safetensors") else torch_file_problem
+        problem = check(folder / shard)
+        if problem:
+            raise ValueError(f"{where}: weight file {folder / shard} is {problem}; download or save it again")
 
 
 def resolve_base_model(path: str, flag: str = "--base_model", log=print) -> tuple[str, dict | None]:
@@ -177,7 +226,11 @@ def load_base_model(
         kwargs["quantization_config"] = quant
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+    except OSError as err:
+        # a hub id that is not cached offline, a folder that changed under us, a damaged .bin
+        raise ValueError(f"--base_model={base_model!r}: cannot load the model ({err})") from err
 
 
 def linear_module_names(model) -> list[str]:
@@ -208,17 +261,53 @@ def check_target_modules(model, target_modules) -> None:
         )
 
 
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def read_adapter_config(lora_weights: str, flag: str = "--lora_weights") -> dict | None:
-    """The adapter's `adapter_config.json` when `lora_weights` is a local folder, else None."""
+    """The adapter's `adapter_config.json` when `lora_weights` is a local folder, else None.
+
+    A local folder must also hold the adapter's weights: without them peft fails later with a message
+    that blames the base model."""
     path = Path(lora_weights).expanduser()
     if path.is_dir():
         config = path / "adapter_config.json"
         if not config.is_file():
             raise ValueError(f"{flag}={lora_weights!r}: the folder has no adapter_config.json")
-        return json.loads(config.read_text(encoding="utf-8"))
+        try:
+            record = json.loads(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{flag}: {config} is not valid JSON ({err}); re-save the adapter") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{flag}: {config} holds a JSON {type(record).__name__}, not an object")
+        present = [path / name for name in ADAPTER_WEIGHT_FILES if (path / name).is_file()]
+        if not present:
+            raise ValueError(
+                f"{flag}={lora_weights!r}: the folder has adapter_config.json but no adapter weights "
+                f"({' or '.join(ADAPTER_WEIGHT_FILES)}); was the adapter saved completely?"
+            )
+        from alpaca.files import safetensors_problem, torch_file_problem
+
+        check = safetensors_problem if present[0].suffix == ".safetensors" else torch_file_problem
+        if problem := check(present[0]):
+            raise ValueError(
+                f"{flag}: adapter weights {present[0]} are {problem}; copy or save the adapter again"
+            )
+        return record
     if lora_weights.startswith((".", "/", "~")):
         raise ValueError(f"{flag}={lora_weights!r}: no such folder")
     return None
+
+
+def unreadable_adapter_error(lora_weights: str, flag: str, err: Exception) -> ValueError:
+    """A truncated or garbage weights file fails deep in safetensors or torch: name the file instead."""
+    folder = Path(lora_weights).expanduser()
+    files = [str(folder / name) for name in ADAPTER_WEIGHT_FILES if (folder / name).is_file()]
+    where = files[0] if files else lora_weights
+    return ValueError(
+        f"{flag}: cannot read the adapter weights {where} ({type(err).__name__}: {err}); "
+        "the file is truncated or corrupt: copy or save the adapter again"
+    )
 
 
 def load_adapter(
@@ -234,13 +323,18 @@ def load_adapter(
     into one message naming the adapter and the mismatched tensor.
     """
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     read_adapter_config(lora_weights, flag)
     try:
         peft_model = PeftModel.from_pretrained(
             model, lora_weights, is_trainable=is_trainable, adapter_name=adapter_name
         )
+    except (SafetensorError, EOFError) as err:
+        raise unreadable_adapter_error(lora_weights, flag, err) from err
     except (RuntimeError, ValueError, KeyError) as err:
+        if "PytorchStreamReader" in str(err) or "pickle" in str(err).lower():
+            raise unreadable_adapter_error(lora_weights, flag, err) from err
         first = str(err).strip().splitlines()
         detail = next(
             (line.strip() for line in first if "size mismatch" in line or "shape" in line),
@@ -280,9 +374,18 @@ def merge_lora(peft_model):
     return peft_model.merge_and_unload()
 
 
-def prepare_output_path(path: str, overwrite: bool, flag: str = "--output_dir", protect=()) -> Path:
-    """Refuse to replace an existing non-empty folder (or file) unless `overwrite`; then clear it."""
+def prepare_output_path(
+    path: str, overwrite: bool, flag: str = "--output_dir", protect=(), is_file: bool = False
+) -> Path:
+    """Check that `path` may be written: a folder (or a file, with `is_file`), refused when it exists
+    and is not empty unless `overwrite`, and never the working folder, home or an input. Deletes
+    nothing: write through `staged_output`, which replaces the old output only once the new one is
+    complete."""
     path = Path(path).expanduser()
+    if is_file and path.is_dir():
+        raise ValueError(f"{flag}={str(path)!r} is a folder; give a file name")
+    if not is_file and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag}={str(path)!r} is a file, not a folder; give a folder to write into")
     exists = path.is_file() or (path.is_dir() and any(path.iterdir()))
     if exists and not overwrite:
         raise ValueError(
@@ -297,8 +400,36 @@ def prepare_output_path(path: str, overwrite: bool, flag: str = "--output_dir", 
             raise ValueError(
                 f"{flag}={str(path)!r} holds the working folder, home or an input model; refusing to clear it"
             )
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
     return path
+
+
+@contextmanager
+def staged_output(path: Path, is_file: bool = False):
+    """Yield a temporary sibling of `path` to write into; when the block ends without an error, swap it
+    in for `path` (replacing an old output), else delete it. So a failed or interrupted export never
+    leaves a partial output, and an `--overwrite` that fails keeps the previous output as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_file:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        staging = Path(name)
+        staging.chmod(0o644)  # mkstemp makes it private; an export is an ordinary file
+    else:
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        staging.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary folder
+    try:
+        yield staging
+        if is_file or not path.is_dir():
+            os.replace(staging, path)
+        else:
+            # A folder cannot be renamed over a non-empty one: move the old one aside first.
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+        elif staging.exists():
+            staging.unlink()

@@ -6,10 +6,14 @@ so tests can call it on a tiny model.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
+import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +120,7 @@ class FinetuneConfig:
     wandb_log_model: str
     gradient_accumulation_steps: int = 1
     world_size: int = 1
+    overwrite: bool = False
     extra_training_args: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
 
@@ -200,6 +205,73 @@ def map_training_args(extra: dict) -> tuple[dict, list[str]]:
         else:
             out[key] = value
     return out, notes
+
+
+# flag -> (type, lowest allowed, whether the lowest is allowed, what the flag means)
+NUMERIC_RANGES = {
+    "num_epochs": (float, 0, False, "passes over the data"),
+    "learning_rate": (float, 0, False, "the peak learning rate"),
+    "cutoff_len": (int, 1, True, "tokens per example"),
+    "val_set_size": (int, 0, True, "examples held out (0 disables validation)"),
+    "warmup_steps": (float, 0, True, "warmup steps (a value below 1 is a fraction of the run)"),
+    "weight_decay": (float, 0, True, "the AdamW weight decay"),
+    "lora_r": (int, 1, True, "the LoRA rank"),
+    "lora_alpha": (float, 0, False, "the LoRA scale numerator"),
+    "lora_dropout": (float, 0, True, "the LoRA dropout probability"),
+    "logging_steps": (int, 1, True, "steps between loss logs"),
+    "eval_steps": (int, 1, True, "steps between evaluations"),
+    "save_steps": (int, 1, True, "steps between checkpoints"),
+    "seed": (int, 0, True, "the random seed"),
+}
+
+
+def range_problems(flags: dict, use_lora: bool) -> list[str]:
+    """One message per numeric flag that is not a number or out of range, so a run never starts that
+    would train nothing (`--num_epochs=0` used to save an untrained adapter with exit code 0) or fail
+    inside a library after the model has loaded (`--lora_r=0`)."""
+    problems = []
+    for key, (kind, lowest, inclusive, meaning) in NUMERIC_RANGES.items():
+        value = flags.get(key)
+        if value is None or (key.startswith("lora_") and not use_lora):
+            continue
+        try:
+            number = kind(value)
+            if kind is int and isinstance(value, float) and value != number:
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(
+                f"--{key}={value!r}: {meaning} must be {'an integer' if kind is int else 'a number'}"
+            )
+            continue
+        if number != number or number < lowest or (number == lowest and not inclusive):
+            bound = f">= {lowest}" if inclusive else f"> {lowest}"
+            problems.append(f"--{key}={value!r}: {meaning} must be {bound}")
+    if use_lora and flags.get("lora_dropout") is not None:
+        try:
+            if float(flags["lora_dropout"]) >= 1:
+                problems.append(
+                    f"--lora_dropout={flags['lora_dropout']!r}: a dropout probability must be below 1"
+                )
+        except (TypeError, ValueError):
+            pass
+    max_steps = flags.get("max_steps")
+    if max_steps is not None and (
+        not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps == 0 or max_steps < -1
+    ):
+        problems.append(
+            f"--max_steps={max_steps!r}: give a positive number of optimizer steps, or -1 to use --num_epochs"
+        )
+    limit = flags.get("save_total_limit")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        problems.append(f"--save_total_limit={limit!r}: keep at least 1 checkpoint (or leave it unset)")
+    output_dir = Path(str(flags.get("output_dir") or "")).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        problems.append(f"--output_dir={str(output_dir)!r} is a file; give a folder")
+    if flags.get("overwrite") and flags.get("resume_from_checkpoint"):
+        problems.append(
+            "--overwrite clears --output_dir, --resume_from_checkpoint continues from it: give one of them"
+        )
+    return problems
 
 
 def resolve_config(flags: dict, extra: dict) -> FinetuneConfig:
@@ -302,6 +374,7 @@ def resolve_config(flags: dict, extra: dict) -> FinetuneConfig:
         )
     except ValueError as err:
         problems.append(str(err))
+    problems += range_problems(flags, use_lora)
     if problems:
         raise ValueError("invalid finetune.py arguments:\n  - " + "\n  - ".join(problems))
     for note in notes + ([warning] if warning else []):
@@ -348,6 +421,7 @@ def resolve_config(flags: dict, extra: dict) -> FinetuneConfig:
         wandb_log_model=str(flags.get("wandb_log_model") or ""),
         gradient_accumulation_steps=accumulation,
         world_size=world_size(),
+        overwrite=bool(flags.get("overwrite", False)),
         extra_training_args=extra,
         sources=sources,
     )
@@ -546,62 +620,161 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# ---------------------------------------------------------------- resume
+# ---------------------------------------------------------------- resume and output folder
 
 
-def resolve_resume(config: FinetuneConfig, model) -> str | None:
-    """What to resume from: a Trainer checkpoint path (full state), or None after loading adapter
-    weights from a final adapter folder (the schedule then restarts)."""
+@dataclass
+class ResumePlan:
+    """Where a run starts: a complete Trainer checkpoint (full state), adapter weights only, or fresh."""
+
+    checkpoint: str | None = None
+    adapter_weights: str | None = None
+    stale: list = field(default_factory=list)  # incomplete checkpoint-N folders newer than `checkpoint`
+
+
+def plan_resume(config: FinetuneConfig) -> ResumePlan:
+    """Check `--resume_from_checkpoint` before any model loads.
+
+    `latest` takes the newest complete `checkpoint-N` in output_dir and says which newer ones it skipped
+    and why; an explicit checkpoint folder must be complete; any other folder is a final adapter
+    (weights only). A `checkpoint-N` folder is never taken for a final adapter.
+    """
+    from alpaca.checkpoints import checkpoint_problems, checkpoint_step, latest_complete_checkpoint
+
     target = config.resume_from_checkpoint
     if not target:
-        return None
+        return ResumePlan()
+    flag = f"--resume_from_checkpoint={target}"
     if str(target).lower() in ("true", "latest"):
-        checkpoints = sorted(
-            Path(config.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-        )
-        if not checkpoints:
+        chosen, skipped = latest_complete_checkpoint(config.output_dir, config.use_lora, config.world_size)
+        for folder, problems in skipped:
+            log(f"skipping {folder}: incomplete ({'; '.join(problems)})")
+        if chosen is None:
+            found = "; ".join(f"{f.name}: {', '.join(p)}" for f, p in skipped) or "none found"
             raise ValueError(
-                f"--resume_from_checkpoint={target}: no checkpoint-* folder in {config.output_dir!r}"
+                f"{flag}: no complete checkpoint-N folder in {config.output_dir!r} ({found}); "
+                "start again with --overwrite"
             )
-        target = str(checkpoints[-1])
-    path = Path(target)
+        return ResumePlan(checkpoint=str(chosen), stale=[str(folder) for folder, _ in skipped])
+    path = Path(target).expanduser()
     if not path.is_dir():
-        raise ValueError(f"--resume_from_checkpoint={target!r}: no such folder")
-    if (path / "trainer_state.json").is_file():
-        log(f"resuming from Trainer checkpoint {path}: optimizer, scheduler and step restored")
-        return str(path)
+        raise ValueError(f"{flag}: no such folder")
+    if checkpoint_step(path) is not None or (path / "trainer_state.json").exists():
+        problems = checkpoint_problems(path, config.use_lora, config.world_size)
+        if problems:
+            raise ValueError(
+                f"{flag} is an incomplete Trainer checkpoint (a run killed while saving it?): "
+                + "; ".join(problems)
+                + ". Resume from an earlier checkpoint, or use --resume_from_checkpoint=latest"
+            )
+        return ResumePlan(checkpoint=str(path))
     weights = next(
-        (
-            path / name
-            for name in ("adapter_model.safetensors", "adapter_model.bin")
-            if (path / name).is_file()
-        ),
-        None,
+        (path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / n).is_file()), None
     )
     if weights is None or not config.use_lora:
         raise ValueError(
-            f"--resume_from_checkpoint={target!r} holds neither a Trainer checkpoint (trainer_state.json) "
+            f"{flag} holds neither a Trainer checkpoint (trainer_state.json) "
             "nor LoRA adapter weights (adapter_model.safetensors / adapter_model.bin)"
         )
+    from alpaca.files import safetensors_problem, torch_file_problem
+
+    problem = (safetensors_problem if weights.suffix == ".safetensors" else torch_file_problem)(weights)
+    if problem:
+        raise ValueError(f"{flag}: adapter weights {weights} are {problem}")
+    return ResumePlan(adapter_weights=str(weights))
+
+
+def load_adapter_weights(model, weights: str, flag: str) -> None:
+    """Load a final adapter's weights into the LoRA model (the schedule then restarts at step 0)."""
     import torch
     from peft import set_peft_model_state_dict
 
-    if weights.suffix == ".safetensors":
+    if weights.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state = load_file(str(weights))
+        state = load_file(weights)
     else:
-        state = torch.load(str(weights), map_location="cpu", weights_only=True)
+        state = torch.load(weights, map_location="cpu", weights_only=True)
     result = set_peft_model_state_dict(model, state)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
     if unexpected:
-        raise ValueError(
-            f"--resume_from_checkpoint={target!r}: adapter does not fit this model ({unexpected[:3]})"
-        )
+        raise ValueError(f"{flag}: adapter does not fit this model ({unexpected[:3]})")
     log(
         f"loaded adapter weights from {weights}; this is not a Trainer checkpoint, so the schedule restarts at step 0"
     )
-    return None
+
+
+def prepare_output_dir(config: FinetuneConfig, plan: ResumePlan, identity: dict) -> None:
+    """Make sure the output folder holds this run only, before the model loads.
+
+    A non-empty folder is refused unless `--overwrite` (it is then cleared) or the run resumes from a
+    checkpoint inside it, whose run_config.json must describe the same run (same data, model and
+    run-defining settings). Rank 0 alone clears and deletes; under torchrun a refused rank 0 stops
+    the other ranks.
+    """
+    from alpaca.checkpoints import run_differences
+    from alpaca.modeling import prepare_output_path
+
+    out = Path(config.output_dir).expanduser()
+    if plan.checkpoint:
+        previous_path = Path(plan.checkpoint).parent / "run_config.json"
+        if previous_path.is_file():
+            try:
+                previous = json.loads(previous_path.read_text(encoding="utf-8"))
+            except ValueError as err:
+                raise ValueError(
+                    f"{previous_path} is not valid JSON ({err}); cannot tell which run it was"
+                ) from err
+            changed = run_differences(previous, identity)
+            if changed:
+                raise ValueError(
+                    f"--resume_from_checkpoint={config.resume_from_checkpoint}: {plan.checkpoint} belongs to another "
+                    f"run ({previous_path} differs: {'; '.join(changed)}); resume with the same settings, or start "
+                    "a new run in a new --output_dir (or --overwrite)"
+                )
+        else:
+            log(f"warning: {previous_path} is missing, so the checkpoint cannot be checked against this run")
+    if not is_main_process():
+        return
+    inside = plan.checkpoint and out.resolve() in Path(plan.checkpoint).resolve().parents
+    if out.is_dir() and any(out.iterdir()) and not inside:
+        if not config.overwrite:
+            listing = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+            raise ValueError(
+                f"--output_dir={config.output_dir!r} already holds another run's files ({listing}, ...); pass "
+                "--overwrite to clear it, --resume_from_checkpoint=latest to continue the run in it, or choose "
+                "a new folder"
+            )
+        # refuses the working folder, home and the run's inputs
+        prepare_output_path(
+            str(out),
+            True,
+            "--output_dir",
+            (config.base_model, config.data_path, config.resume_from_checkpoint),
+        )
+        # rename first, so a kill while deleting never leaves a half-deleted run under the real name
+        doomed = out.with_name(f".{out.name}.overwritten-{os.getpid()}")
+        os.replace(out, doomed)
+        shutil.rmtree(doomed)
+        log(f"--overwrite: cleared {out}")
+    for stale in plan.stale:
+        # the resumed run writes these steps again; a half-written folder left beside them would
+        # confuse the Trainer's checkpoint rotation
+        shutil.rmtree(stale, ignore_errors=True)
+        log(f"removed the incomplete {stale}")
+
+
+def run_identity(config: FinetuneConfig, records: list, gguf_info: dict | None) -> dict:
+    """The settings, data hash and model that define this run, as compared on resume."""
+    data_hash = hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    local = Path(config.base_model).expanduser()
+    identity = {key: value for key, value in config.to_dict().items()}
+    identity["base_model_resolved"] = str(local.resolve()) if local.exists() else config.base_model
+    identity["data_sha256"] = data_hash.hexdigest()
+    if gguf_info:
+        identity["base_model_sha256"] = gguf_info.get("sha256")
+        identity["base_model_resolved"] = f"gguf:{gguf_info.get('sha256')}"
+    return identity
 
 
 # ---------------------------------------------------------------- trainer
@@ -693,14 +866,51 @@ def setup_wandb(config: FinetuneConfig) -> None:
 # ---------------------------------------------------------------- reports
 
 
+# A setting whose name ends like one of these holds a credential (hub_token, wandb_api_key, ...).
+SECRET_NAME = re.compile(r"(^|_)(token|api_key|key|password|passwd|secret|credentials?)$", re.IGNORECASE)
+MASK = "***"
+
+
+def mask_secrets(value, key: str = ""):
+    """A copy of `value` with every token/key/password-like setting replaced by `***`, at any depth."""
+    if key and SECRET_NAME.search(key) and value not in (None, "", False):
+        return MASK
+    if isinstance(value, dict):
+        return {k: mask_secrets(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [mask_secrets(v) for v in value]
+    return value
+
+
+def mask_command_line(argv: list[str]) -> str:
+    """The command line with the values of secret flags (`--hub_token=x` or `--hub_token x`) masked."""
+    words, hide_next = [], False
+    for word in argv:
+        if hide_next:
+            words.append(MASK)
+            hide_next = False
+            continue
+        name, equals, _ = word.lstrip("-").partition("=")
+        if word.startswith("--") and SECRET_NAME.search(name.replace("-", "_")):
+            if equals:
+                word = f"--{name}={MASK}"
+            else:
+                hide_next = True
+        words.append(word)
+    return " ".join(words)
+
+
 def save_run_config(config: FinetuneConfig, extra: dict | None = None) -> Path:
-    """Print the resolved configuration (with where each default came from) and save it."""
+    """Print the resolved configuration (with where each default came from) and save it, with every
+    secret-like setting masked (the Trainer's own training_args.bin still holds them: keep output
+    folders private when passing --hub_token)."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = config.to_dict()
-    data["command"] = " ".join(sys.argv)
     if extra:
         data.update(extra)
+    data = mask_secrets(data)
+    data["command"] = mask_command_line(sys.argv)
     if is_main_process():
         write_json_atomic(out / "run_config.json", data)
         log("resolved configuration:")
@@ -710,6 +920,53 @@ def save_run_config(config: FinetuneConfig, extra: dict | None = None) -> Path:
             source = config.sources.get(key, "")
             log(f"  {key} = {value!r}" + (f"   [{source}]" if source else ""))
     return out / "run_config.json"
+
+
+def optimizer_steps(config: FinetuneConfig, n_train: int) -> int:
+    """Optimizer steps the Trainer will take: max_steps, or epochs x updates per epoch, where an epoch
+    is ceil(examples / (micro batch x world size)) micro-batches per rank, ceil-divided by accumulation
+    (transformers 5.23, `set_initial_training_values`)."""
+    if config.max_steps > 0:
+        return config.max_steps
+    micro_batches = math.ceil(n_train / (config.micro_batch_size * config.world_size))
+    per_epoch = max(math.ceil(micro_batches / config.gradient_accumulation_steps), 1)
+    return math.ceil(config.num_epochs * per_epoch)
+
+
+def warmup_report(config: FinetuneConfig, total_steps: int) -> tuple[int, str | None]:
+    """Warmup steps the Trainer will use, and a warning when the warmup is not shorter than the run,
+    giving the peak learning rate actually reached (the schedule is computed, not guessed)."""
+    warmup = (
+        int(config.warmup_steps) if config.warmup_steps >= 1 else math.ceil(total_steps * config.warmup_steps)
+    )
+    if warmup < total_steps or warmup == 0:
+        return warmup, None
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    try:
+        scheduler = get_scheduler(config.lr_scheduler_type, optimizer, warmup, total_steps)
+    except (ValueError, TypeError):  # schedules needing more arguments: report the steps only
+        scheduler = None
+    peak = None
+    if scheduler is not None:
+        rates = []
+        for _ in range(total_steps):  # the rate each optimizer step uses, as the Trainer steps it
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        peak = max(rates)
+    reached = (
+        f"the learning rate peaks at {peak:.3g} ({100 * peak / config.learning_rate:.0f}% of --learning_rate="
+        f"{config.learning_rate:g})"
+        if peak is not None
+        else "the learning rate never reaches --learning_rate"
+    )
+    return warmup, (
+        f"warning: the warmup ({warmup} steps) is not shorter than the run ({total_steps} optimizer steps): "
+        f"{reached}. Lower --warmup_steps (or use --warmup_ratio=0.03)"
+    )
 
 
 def plot_losses(log_history: list[dict], path: str | Path) -> Path | None:
@@ -759,13 +1016,21 @@ def count_trainable(model) -> tuple[int, int]:
 
 
 def run_finetune(flags: dict, extra: dict) -> dict:
-    """The whole run: resolve, load data, load model, train, save. Returns the final metrics."""
+    """The whole run: resolve, check the resume point and output folder, load data and model, train,
+    save. Every user mistake is found before the model loads. Returns the final metrics."""
     from alpaca.data import build_datasets, load_records
+    from alpaca.modeling import resolve_base_model
     from alpaca.prompter import Prompter
 
     config = resolve_config(flags, extra)
     prompter = Prompter(config.prompt_template_name)
     records = load_records(config.data_path)
+    plan = plan_resume(config)
+    given_model = config.base_model
+    # a .gguf base is converted once (cached by hash); every rank may call this, the cache is atomic
+    config.base_model, gguf_info = resolve_base_model(given_model, log=log)
+    identity = run_identity(config, records, gguf_info)
+    prepare_output_dir(config, plan, identity)
     precision, dtype = training_precision(config)
     if is_main_process():
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -784,23 +1049,39 @@ def run_finetune(flags: dict, extra: dict) -> dict:
         config.seed,
         source=config.data_path,
     )
+    total_steps = optimizer_steps(config, len(train_set))
+    warmup, warmup_warning = warmup_report(config, total_steps)
     trainable, total = count_trainable(model)
     save_run_config(
         config,
         {
+            "base_model_file": given_model if gguf_info else None,
+            "base_model_gguf": gguf_info,
+            "base_model_resolved": identity["base_model_resolved"],
+            "data_sha256": identity["data_sha256"],
             "precision_resolved": precision,
             "data_report": report.to_dict(),
+            "optimizer_steps": total_steps,
+            "warmup_steps_resolved": warmup,
             "trainable_params": trainable,
             "total_params": total,
         },
     )
     log(report.summary())
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    resume = resolve_resume(config, model)
+    log(f"optimizer steps: {total_steps} (warmup {warmup})")
+    if warmup_warning:
+        log(warmup_warning)
+    if plan.adapter_weights:
+        load_adapter_weights(
+            model, plan.adapter_weights, f"--resume_from_checkpoint={config.resume_from_checkpoint}"
+        )
+    if plan.checkpoint:
+        log(f"resuming from Trainer checkpoint {plan.checkpoint}: optimizer, scheduler and step restored")
     setup_wandb(config)
     args = build_training_arguments(config, precision, has_eval=bool(val_set))
     trainer = build_trainer(model, tokenizer, config, train_set, val_set, args)
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=plan.checkpoint)
     save_outputs(trainer, tokenizer, config)
     metrics = dict(result.metrics)
     metrics["global_step"] = trainer.state.global_step

@@ -18,16 +18,23 @@ import json
 import shutil
 from pathlib import Path
 
-from alpaca.modeling import PAD_TOKEN, check_model_path, prepare_output_path, resize_embeddings_for_new_tokens
+from alpaca.modeling import (
+    PAD_TOKEN,
+    check_model_path,
+    prepare_output_path,
+    resize_embeddings_for_new_tokens,
+    resolve_base_model,
+    staged_output,
+)
 
 INTEGRITY_FILE = "weight_diff_integrity.json"
 INTEGRITY_FORMAT = "alpaca-kit weight diff integrity v1"
 ALPACA_7B_SUM = 50637.1836  # upstream's naive check: sum of all recovered Alpaca-7B parameters
 NAIVE_SUM_ATOL = 1e-2
-TEST_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\r\n\r\n### Instruction:\r\nList three technologies that make life easier.\r\n\r\n### Response:"
-)
+# Upstream's smoke test asks this in the prompt the model was trained with (Stanford's, by default);
+# upstream wrote it with "\r\n", which the model never saw in training.
+TEST_INSTRUCTION = "List three technologies that make life easier."
+DEFAULT_TEST_TEMPLATE = "alpaca_legacy"
 
 
 def tensor_sha256(tensor) -> str:
@@ -39,12 +46,27 @@ def tensor_sha256(tensor) -> str:
 
 
 def load_fp32_model(path: str, device: str, flag: str):
-    """Load a causal LM in fp32 on `device` (diffs are made and applied in fp32, as upstream)."""
+    """Load a causal LM in fp32 on `device` (diffs are made and applied in fp32, as upstream); a truncated
+    or corrupt weight file is a ValueError naming it."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     check_model_path(path, flag)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": device})
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": device})
+    except (SafetensorError, OSError, EOFError, RuntimeError) as err:
+        raise ValueError(f"{flag}={path!r}: cannot read the weights: {damaged_weights(path) or err}") from err
+
+
+def damaged_weights(folder: str) -> str | None:
+    """Which weight file of `folder` is truncated or corrupt, and how (None when none looks damaged)."""
+    from alpaca.files import safetensors_problem
+
+    for weights in sorted(Path(folder).expanduser().glob("*.safetensors")):
+        if problem := safetensors_problem(weights):
+            return f"{weights} is {problem}; copy or download it again"
+    return None
 
 
 def load_plain_tokenizer(path: str):
@@ -111,13 +133,31 @@ def save_with_tokenizer(model, tokenizer, tokenizer_source: str, output_dir: Pat
         shutil.copy(sp_model, output_dir / "tokenizer.model")
 
 
-def read_integrity(path_diff: str) -> dict | None:
-    path = Path(path_diff) / INTEGRITY_FILE
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("format") != INTEGRITY_FORMAT:
-        raise ValueError(f"{path}: unknown integrity format {record.get('format')!r}")
+def read_integrity(folder: str, flag: str = "--path_diff") -> dict | None:
+    """The folder's integrity record, None when it has none."""
+    path = Path(folder) / INTEGRITY_FILE
+    return read_integrity_file(path, flag) if path.is_file() else None
+
+
+def read_integrity_file(path: Path, flag: str) -> dict:
+    """An integrity record; a malformed one is a ValueError naming the file."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(
+            f"{flag}: {path} is not valid JSON ({err}); the diff was altered or damaged"
+        ) from None
+    if not isinstance(record, dict) or record.get("format") != INTEGRITY_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{flag}: {path} has an unknown integrity format {found!r}")
+    tensors = record.get("tensors")
+    well_formed = isinstance(tensors, dict) and all(
+        isinstance(entry, dict) and isinstance(entry.get("sha256"), str) for entry in tensors.values()
+    )
+    if not well_formed or not isinstance(record.get("sum"), (int, float)):
+        raise ValueError(
+            f"{flag}: {path} lacks a per-tensor 'sha256' table or the 'sum'; the diff was altered or damaged"
+        )
     return record
 
 
@@ -130,6 +170,8 @@ def make_diff(
     from tqdm import tqdm
 
     out = prepare_output_path(path_diff, overwrite, "--path_diff", (path_raw, path_tuned))
+    check_model_path(path_tuned, "--path_tuned")
+    path_raw, _ = resolve_base_model(path_raw, "--path_raw")
     with torch.inference_mode():
         model_tuned = load_fp32_model(path_tuned, device, "--path_tuned")
         model_raw = load_fp32_model(path_raw, device, "--path_raw")
@@ -151,9 +193,9 @@ def make_diff(
             "sum": float(total),
             "tensors": tensors,
         }
-        out.mkdir(parents=True, exist_ok=True)
-        save_with_tokenizer(model_tuned, tokenizer_tuned, path_tuned, out)
-    (out / INTEGRITY_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        with staged_output(out) as staging:
+            save_with_tokenizer(model_tuned, tokenizer_tuned, path_tuned, staging)
+            (staging / INTEGRITY_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(f"wrote weight diff of {len(keys)} tensors to {out} (hashes in {INTEGRITY_FILE})")
     return record
 
@@ -184,14 +226,17 @@ def check_naive_sum(state: dict, keys: list[str], integrity: dict | None) -> Non
     print(f"naive integrity check passed: sum of all parameters {float(allsum):.4f}")
 
 
-def run_test_inference(model, tokenizer) -> str:
-    """Upstream's smoke test: greedy-generate from a fixed Alpaca prompt and print the answer."""
-    inputs = tokenizer(TEST_PROMPT, return_tensors="pt").to(model.device)
+def run_test_inference(model, tokenizer, prompt_template: str = DEFAULT_TEST_TEMPLATE) -> str:
+    """Upstream's smoke test: greedy-generate from a fixed instruction in the training prompt and print it."""
+    from alpaca.prompter import Prompter
+
+    prompt = Prompter(prompt_template).generate_prompt(TEST_INSTRUCTION)
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     out = model.generate(
         inputs=inputs.input_ids, attention_mask=inputs.attention_mask, max_new_tokens=100, do_sample=False
     )
-    text = tokenizer.batch_decode(out, skip_special_tokens=True)[0][len(TEST_PROMPT) :]
-    print(f"Input: {TEST_PROMPT}\nOutput: {text}")
+    text = tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    print(f"Input: {prompt}\nOutput: {text}")
     return text
 
 
@@ -203,9 +248,10 @@ def recover(
     test_inference: bool = True,
     check_integrity_naively: bool = True,
     overwrite: bool = False,
+    prompt_template: str = DEFAULT_TEST_TEMPLATE,
 ):
     """Rebuild the tuned model as `raw + diff` (fp32), check every tensor's hash, save it with its
-    tokenizer when `path_tuned` is given. Returns (model, tokenizer)."""
+    tokenizer and the diff's integrity record when `path_tuned` is given. Returns (model, tokenizer)."""
     import torch
     from tqdm import tqdm
 
@@ -214,8 +260,12 @@ def recover(
         if path_tuned
         else None
     )
-    check_model_path(path_raw, "--path_raw")
+    if test_inference:
+        from alpaca.prompter import load_template
+
+        load_template(prompt_template)  # a wrong template name fails now, not after the recovery
     check_model_path(path_diff, "--path_diff")
+    path_raw, _ = resolve_base_model(path_raw, "--path_raw")
     integrity = read_integrity(path_diff)
     if integrity is None:
         print(f"{path_diff} has no {INTEGRITY_FILE} (a diff made by upstream): per-tensor hashes not checked")
@@ -242,9 +292,49 @@ def recover(
         if check_integrity_naively:
             check_naive_sum(state_recovered, keys, integrity)
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            save_with_tokenizer(model_recovered, tokenizer_recovered, path_diff, out)
+            with staged_output(out) as staging:
+                save_with_tokenizer(model_recovered, tokenizer_recovered, path_diff, staging)
+                if integrity is not None:  # so `verify` can check this copy later
+                    shutil.copy(Path(path_diff) / INTEGRITY_FILE, staging / INTEGRITY_FILE)
             print(f"wrote recovered model to {out}")
         if test_inference:
-            run_test_inference(model_recovered, tokenizer_recovered)
+            run_test_inference(model_recovered, tokenizer_recovered, prompt_template)
     return model_recovered, tokenizer_recovered
+
+
+def verify(path_tuned: str, integrity_file: str | None = None, device: str = "cpu") -> int:
+    """Check a recovered model against the per-tensor SHA-256 recorded when its diff was made (the
+    `weight_diff_integrity.json` that `recover` copies beside it, or `integrity_file`). Returns the
+    number of tensors checked; the first one that differs is a ValueError naming it."""
+    import torch
+
+    check_model_path(path_tuned, "--path_tuned")
+    if integrity_file:
+        source = Path(integrity_file).expanduser()
+        if not source.is_file():
+            raise ValueError(f"--integrity_file={integrity_file!r}: no such file")
+        integrity = read_integrity_file(source, "--integrity_file")
+    else:
+        integrity = read_integrity(path_tuned, "--path_tuned")
+        if integrity is None:
+            raise ValueError(
+                f"--path_tuned={path_tuned!r} has no {INTEGRITY_FILE} (recover writes it since this version); "
+                f"pass --integrity_file=<the diff folder>/{INTEGRITY_FILE}"
+            )
+    with torch.inference_mode():
+        model = load_fp32_model(path_tuned, device, "--path_tuned")
+        state = model.state_dict()
+        keys = unique_keys(state)
+        if sorted(keys) != sorted(integrity["tensors"]):
+            differ = sorted(set(keys) ^ set(integrity["tensors"]))
+            raise ValueError(
+                f"--path_tuned={path_tuned!r} and the integrity record hold different tensors, e.g. {differ[:3]}"
+            )
+        for key in keys:
+            if tensor_sha256(state[key]) != integrity["tensors"][key]["sha256"]:
+                raise ValueError(
+                    f"tensor {key} of {path_tuned} does not match the SHA-256 recorded when the diff was made: "
+                    "the model was altered or damaged after recovery"
+                )
+    print(f"verified: all {len(keys)} tensors of {path_tuned} match their recorded SHA-256")
+    return len(keys)

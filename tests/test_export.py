@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from export_fixtures import CONVERT_HF, CONVERT_LEGACY, assert_same_tensors, read_gguf, run_converter
+from export_fixtures import (
+    CONVERT_HF,
+    CONVERT_LEGACY,
+    assert_same_tensors,
+    make_adapter,
+    read_gguf,
+    run_converter,
+    snapshot,
+)
 
 from alpaca.export import export_gguf, export_hf, export_meta, meta_ffn_params, meta_params
 
@@ -447,3 +455,146 @@ def test_overwrite_never_clears_the_working_folder_or_an_input(tmp_path, monkeyp
             prepare_output_path(path, overwrite=True, protect=protect)
     assert (tmp_path / "model" / "config.json").is_file()
     assert prepare_output_path(str(tmp_path / "new"), overwrite=False) == tmp_path / "new"
+
+
+# ---- arguments, refusals and overwrites (issue 14 items 1, 2, 11; issue 9 item 3) -----------------------
+
+
+def test_gguf_overwrite_with_a_bad_name_deletes_nothing(tiny_llama, tiny_llama_adapter, tmp_path):
+    data = tmp_path / "my_dataset"
+    data.mkdir()
+    (data / "train.json").write_text("[]")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for target in (data, notes):
+        with pytest.raises(ValueError, match=r"--output_file=.*ending in \.gguf"):
+            export_gguf(tiny_llama, tiny_llama_adapter, str(target), overwrite=True)
+    assert (data / "train.json").read_text() == "[]" and notes.read_text() == "mine"
+    folder = tmp_path / "model.gguf"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="--output_file=.*is a folder"):
+        export_gguf(tiny_llama, tiny_llama_adapter, str(folder), overwrite=True)
+    assert folder.is_dir()
+
+
+def test_a_failed_overwrite_keeps_the_previous_output(tiny_llama, tiny_opt, tiny_llama_adapter, tmp_path):
+    """Each export with --overwrite and an adapter that does not fit: an error, the old output untouched,
+    no temporary sibling left behind."""
+    wrong = make_adapter(tiny_opt, tmp_path / "opt-lora", target_modules=("fc1", "fc2"))
+    exports = {
+        "hf": lambda out, adapter: export_hf(tiny_llama, adapter, out, dtype="fp32", overwrite=True),
+        "meta": lambda out, adapter: export_meta(tiny_llama, adapter, out, dtype="fp32", overwrite=True),
+        "gguf": lambda out, adapter: export_gguf(tiny_llama, adapter, out, outtype="f32", overwrite=True),
+    }
+    for name, export in exports.items():
+        parent = tmp_path / name
+        parent.mkdir()
+        out = str(parent / ("old.gguf" if name == "gguf" else "old"))
+        export(out, tiny_llama_adapter)
+        before = snapshot(out)
+        with pytest.raises(ValueError, match="does not fit the base model"):
+            export(out, wrong)
+        assert snapshot(out) == before, name
+        assert [p.name for p in parent.iterdir()] == [Path(out).name], name
+
+
+def test_a_failing_self_check_leaves_no_output_folder(tiny_llama, tiny_llama_adapter, tmp_path, monkeypatch):
+    """The saved model is checked after it is written: a failure there removes what was written."""
+    import alpaca.export
+
+    real = alpaca.export.check_logits_match
+
+    def fail_on_saved(reference, candidate, dtype_name, what, adapter_effect):
+        if what == "saved model":
+            raise ValueError("self-check failed: simulated")
+        return real(reference, candidate, dtype_name, what, adapter_effect)
+
+    monkeypatch.setattr(alpaca.export, "check_logits_match", fail_on_saved)
+    with pytest.raises(ValueError, match="simulated"):
+        export_hf(tiny_llama, tiny_llama_adapter, str(tmp_path / "out"), dtype="fp32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_files_that_cannot_load_are_named(tiny_llama, tiny_llama_adapter, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "out")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_adapter, broken)
+    (broken / "adapter_config.json").write_text('{"r": 8,')
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not valid JSON"):
+        export_hf(tiny_llama, str(broken), out)
+    shutil.copy(Path(tiny_llama_adapter) / "adapter_config.json", broken / "adapter_config.json")
+    weights = (broken / "adapter_model.safetensors").read_bytes()
+    (broken / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors are truncated"):
+        export_hf(tiny_llama, str(broken), out)
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="has adapter_config.json but no adapter weights"):
+        export_hf(tiny_llama, str(broken), out)
+    assert not Path(out).exists()
+
+
+def test_unknown_bpe_pre_tokenizer_is_refused_before_the_merge(tiny_llama, tmp_path, monkeypatch):
+    """A byte-level BPE tokenizer whose pre-tokenizer llama.cpp does not know: refused before any weights
+    load (llama.cpp's converter refuses it too)."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import alpaca.export
+
+    base = tmp_path / "bpe-llama"
+    shutil.copytree(tiny_llama, base)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (base / name).unlink(missing_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    bpe.train_from_iterator(["a tiny corpus for a tiny byte-level tokenizer"] * 20, trainer)
+    PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(base)
+    adapter = make_adapter(str(base), tmp_path / "lora")
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("the merge started before the refusal")
+
+    monkeypatch.setattr(alpaca.export, "load_and_merge", no_merge)
+    with pytest.raises(ValueError, match="pre-tokenizer is not one this export knows"):
+        export_gguf(str(base), adapter, str(tmp_path / "out.gguf"))
+    assert not (tmp_path / "out.gguf").exists()
+
+
+# ---- precision and the self-check (issue 9 item 4) ------------------------------------------------------
+
+
+def test_export_dtype_defaults_to_the_base_and_a_rounded_away_update_is_an_error(tiny_llama, tmp_path):
+    """fp32 base, small adapter update: the default export keeps it (fp32); an explicit fp16 export loses
+    part of it in rounding, which the self-check measures against the adapter's own effect and refuses."""
+    small = make_adapter(tiny_llama, tmp_path / "small", b_scale=3e-4)
+    info = export_hf(tiny_llama, small, str(tmp_path / "default"))
+    assert info["dtype"] == "fp32"
+    assert info["max_logit_diff_saved"] < 0.1 * info["adapter_effect"]
+    with pytest.raises(
+        ValueError, match=r"(loses \d+% of the adapter's effect|left .* unchanged).*--dtype=fp32"
+    ):
+        export_hf(tiny_llama, small, str(tmp_path / "fp16"), dtype="fp16")
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_merged_config_pads_with_the_tokenizers_pad_id(tiny_llama, tmp_path):
+    """Training pads with unk (id 0); the exported config.json and generation_config.json must agree."""
+    from transformers import AutoTokenizer
+
+    adapter = make_adapter(tiny_llama, tmp_path / "lora")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.save_pretrained(adapter)
+    out = tmp_path / "hf"
+    export_hf(tiny_llama, adapter, str(out))
+    assert AutoTokenizer.from_pretrained(out).pad_token_id == 0
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 0
+    assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == 0

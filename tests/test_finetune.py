@@ -188,12 +188,163 @@ def test_unknown_target_module_lists_the_models_linear_modules(tiny_opt, small_d
         (dict(base_model="./no/such/model"), "no such folder"),
         (dict(load_in_8bit=True, load_in_4bit=True), "exclusive"),
         (dict(use_lora=False, load_in_4bit=True), "LoRA only"),
+        (dict(num_epochs=0, max_steps=-1), "--num_epochs=0: passes over the data must be > 0"),
+        (dict(num_epochs=-2, max_steps=-1), "--num_epochs=-2"),
+        (dict(val_set_size=-3), "--val_set_size=-3: examples held out (0 disables validation) must be >= 0"),
+        (dict(lora_r=0), "--lora_r=0: the LoRA rank must be >= 1"),
+        (dict(learning_rate=-1e-4), "--learning_rate=-0.0001: the peak learning rate must be > 0"),
+        (dict(cutoff_len=0), "--cutoff_len=0"),
+        (dict(warmup_steps=-5), "--warmup_steps=-5"),
+        (dict(lora_dropout=1.0), "--lora_dropout=1.0: a dropout probability must be below 1"),
+        (dict(max_steps=0), "--max_steps=0: give a positive number"),
+        (dict(save_steps=0), "--save_steps=0"),
+        (dict(num_epochs="three"), "--num_epochs='three': passes over the data must be a number"),
+        (dict(overwrite=True, resume_from_checkpoint="latest"), "--overwrite clears --output_dir"),
     ],
 )
 def test_bad_flags_fail_before_training(overrides, message, tiny_llama, small_data, tmp_path):
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        ValueError,
+        match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)"),
+    ):
         run(tiny_llama, small_data, tmp_path / "x", **overrides)
-    assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "x").exists()  # refused before the model loaded (run_config.json comes after)
+
+
+def test_several_bad_flags_are_reported_together(tiny_llama, small_data, tmp_path):
+    with pytest.raises(ValueError) as err:
+        run(tiny_llama, small_data, tmp_path / "x", num_epochs=0, max_steps=-1, val_set_size=-3, lora_r=0)
+    assert all(flag in str(err.value) for flag in ("--num_epochs=0", "--val_set_size=-3", "--lora_r=0"))
+
+
+def test_output_dir_that_is_a_file_fails_before_loading(tiny_llama, small_data, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    with pytest.raises(ValueError, match="notes.txt' is a file; give a folder"):
+        run(tiny_llama, small_data, target)
+    assert target.read_text() == "keep me"
+
+
+def broken_model_copy(tiny_llama, tmp_path, damage):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    damage(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "model.safetensors").unlink(), "has config.json but no weights"),
+        (
+            lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]),
+            r"model.safetensors is truncated \(5000 of \d+ bytes\)",
+        ),
+        (
+            lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 64),
+            "model.safetensors is not a safetensors file",
+        ),
+        (
+            lambda f: (f / "config.json").write_text('{"model_type": "llama", '),
+            "config.json is not valid JSON",
+        ),
+        (lambda f: (f / "config.json").write_text("[1, 2]"), "config.json must be a JSON object"),
+    ],
+)
+def test_broken_base_model_folder_is_named_before_loading(tiny_llama, small_data, tmp_path, damage, message):
+    base = broken_model_copy(tiny_llama, tmp_path, damage)
+    with pytest.raises(ValueError, match=message):
+        run(base, small_data, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_output_dir_of_another_run_is_refused_then_overwritten(tiny_llama, small_data, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_llama, small_data, out, max_steps=2, save_steps=2)
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds another run's files .* pass --overwrite"):
+        run(tiny_llama, small_data, out, max_steps=1, seed=8)
+    assert (out / "adapter_model.safetensors").read_bytes() == before  # run A untouched
+    run(tiny_llama, small_data, out, max_steps=1, seed=8, save_steps=1, overwrite=True)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # nothing of run A left
+    assert json.loads((out / "run_config.json").read_text())["seed"] == 8
+
+
+def test_resume_refuses_a_checkpoint_of_a_different_run(tiny_llama, small_data, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_llama, small_data, out, max_steps=2, save_steps=2, lr_scheduler_type="constant")
+    with pytest.raises(ValueError, match=r"belongs to another run .*learning_rate: 0.01 -> 0.02"):
+        run(tiny_llama, small_data, out, max_steps=4, learning_rate=2e-2, resume_from_checkpoint="latest")
+    other = Path(small_data).parent / "other.json"
+    other.write_text(json.dumps(json.loads(Path(small_data).read_text())[:20]))
+    with pytest.raises(ValueError, match="belongs to another run .*data_sha256"):
+        run(tiny_llama, str(other), out, max_steps=4, resume_from_checkpoint="latest")
+    # the run's own run_config.json does not block it: same settings resume, a longer run is allowed
+    metrics = run(
+        tiny_llama,
+        small_data,
+        out,
+        max_steps=4,
+        save_steps=2,
+        lr_scheduler_type="constant",
+        resume_from_checkpoint="latest",
+    )
+    assert metrics["global_step"] == 4
+
+
+def test_secrets_are_masked_in_output_and_run_config(tiny_llama, small_data, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from alpaca.training import mask_command_line
+
+    secret = "hf_SECRETvalue123"
+    monkeypatch.setattr(sys, "argv", ["finetune.py", f"--hub_token={secret}", "--wandb_api_key", secret])
+    out = tmp_path / "out"
+    run(tiny_llama, small_data, out, max_steps=1, hub_token=secret)
+    saved = (out / "run_config.json").read_text()
+    printed = capsys.readouterr().out
+    assert secret not in saved and secret not in printed
+    config = json.loads(saved)
+    assert config["extra_training_args"]["hub_token"] == "***"
+    assert config["command"] == "finetune.py --hub_token=*** --wandb_api_key ***"
+    assert config["data_report"]["trained_tokens"] > 0  # 'tokens' is not a secret
+    assert (
+        mask_command_line(["x", "--max_new_tokens=5", "--api-key=k"]) == "x --max_new_tokens=5 --api-key=***"
+    )
+
+
+def test_warmup_longer_than_the_run_is_reported_with_the_peak_rate(tiny_llama, small_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(tiny_llama, small_data, out, max_steps=4, warmup_steps=None)  # the LoRA default, 100 steps
+    printed = capsys.readouterr().out
+    assert "the warmup (100 steps) is not shorter than the run (4 optimizer steps)" in printed
+    # the optimizer steps use lr x 0/100, 1/100, 2/100, 3/100
+    assert "peaks at 0.0003 (3% of --learning_rate=0.01)" in printed
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["warmup_steps_resolved"] == 100 and config["optimizer_steps"] == 4
+
+
+def test_warmup_ratio_with_lora_and_epoch_based_step_count(tiny_llama, small_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    # 32 examples, micro-batch 4, accumulation 2: 4 optimizer steps per epoch; 1.5 epochs -> 6 steps
+    metrics = run(
+        tiny_llama, small_data, out, max_steps=-1, num_epochs=1.5, warmup_steps=None, warmup_ratio=0.5
+    )
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["optimizer_steps"] == metrics["global_step"] == 6
+    assert config["warmup_steps"] == 0.5 and config["warmup_steps_resolved"] == 3
+    assert config["sources"]["warmup_steps"] == "flag --warmup_ratio"
+    assert "not shorter than the run" not in capsys.readouterr().out
+    rates = [
+        e["learning_rate"]
+        for e in json.loads((out / "loss_history.json").read_text())
+        if "learning_rate" in e
+    ]
+    # the rate each of the 6 steps used: 3 warmup steps from 0, then linear decay
+    assert rates == pytest.approx([1e-2 * f for f in (0, 1 / 3, 2 / 3, 1, 2 / 3, 1 / 3)])
 
 
 @pytest.mark.parametrize(
