@@ -497,3 +497,23 @@ def test_user_mistakes_are_one_error_line_before_any_request(tmp_path, capsys, c
     assert err.startswith("generate_instruction.py: error: ") and len(err.strip().splitlines()) <= 2, err
     assert re.search(message, err), err
     assert notes.read_text() == "my notes\n" and not (tmp_path / "out").exists()
+
+
+def test_a_garbled_journal_line_stops_the_rerun_before_any_request_and_deletes_nothing(tmp_path, capsys):
+    from alpaca.cli import run
+
+    flags = dict(num_instructions_to_generate=40, request_batch_size=1, max_concurrent_requests=1)
+    with ScriptedOpenAIServer(synthetic_responder) as server:
+        run_script(tmp_path, server.base_url, **flags)
+        journal = tmp_path / JOURNAL_NAME
+        lines = journal.read_bytes().split(b"\n")
+        assert len(lines) >= 6
+        lines[2] = lines[2][:1] + b"#garbled#" + lines[2][1:]
+        journal.write_bytes(b"\n".join(lines))
+        sent = len(server.log)
+        argv = [f"--output_dir={tmp_path}", f"--seed_tasks_path={SEED_FILE}", f"--base_url={server.base_url}"]
+        with pytest.raises(SystemExit) as exited:
+            run(generate_instruction.generate_instruction_following_data, "generate_instruction.py", argv)
+        assert len(server.log) == sent
+    assert exited.value.code == 2 and journal.read_bytes() == b"\n".join(lines)
+    assert f"generate_instruction.py: error: {journal} line 3: not valid JSON" in capsys.readouterr().err
