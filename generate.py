@@ -8,7 +8,7 @@
 
     # batch mode: AlpacaEval-format outputs; rerun the same command to resume after a crash
     python generate.py --base_model=... --lora_weights=... --input_file=instructions.json \
-        --output_file=outputs.json --batch_size=8 --temperature=0
+        --output_file=outputs.json --batch_size=8 --temperature=0 --num_beams=1   # greedy
 
 See docs/generate.md for every flag.
 """
@@ -47,6 +47,7 @@ def main(
     output_file: str = "",
     batch_size: int = 8,
     generator: str = "",
+    stop: str | None = None,
 ):
     """Serve the Alpaca-LoRA page, or with --input_file/--output_file, generate in batch mode.
 
@@ -69,7 +70,8 @@ def main(
         concurrency_limit: requests each page event processes at once (generation on one model is
             serialized; the rest wait in the queue).
         max_queue_size: requests that may wait in the queue before new ones are turned away.
-        temperature: default Temperature; 0 decodes greedily, above 0 samples.
+        temperature: default Temperature; 0 is deterministic: greedy with --num_beams=1, beam search
+            with more beams (the default is 4); above 0 samples.
         top_p: default Top p (used when sampling).
         top_k: default Top k (used when sampling).
         num_beams: default Beams.
@@ -78,10 +80,20 @@ def main(
         input_file: batch mode: a JSON list or JSONL file of {"instruction", "input"} records.
         output_file: batch mode: where to write the AlpacaEval-format JSON list (resumed if present).
         batch_size: batch mode: records generated together.
-        generator: batch mode: the `generator` name written into each record; default from the model.
+        generator: batch mode: the `generator` name written into each record; default: the base model's
+            name plus the adapter's (e.g. "SmolLM2-135M-Instruct + lora-alpaca").
+        stop: comma-separated stop strings (\\n for a newline): generation stops at the first one and the
+            reply is cut before it. Default: the template's next-turn markers ("### Instruction:",
+            "### Input:", "### Response:", ...); --stop="" turns stopping off.
     """
-    from alpaca.batch import read_instructions, run_batch
-    from alpaca.generation import GenerationLimits, describe, load_generators, make_settings
+    from alpaca.batch import check_output_file, read_finished, read_instructions, run_batch
+    from alpaca.generation import (
+        GenerationLimits,
+        describe,
+        load_generators,
+        make_settings,
+        parse_stop_strings,
+    )
 
     base_model = base_model or os.environ.get("BASE_MODEL", "")
     check_flags(
@@ -99,13 +111,16 @@ def main(
     limits = GenerationLimits(max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens_limit)
     settings = make_settings(temperature, top_p, top_k, num_beams, max_new_tokens, seed, limits)
     batch_mode = bool(input_file)
-    # Fail on a malformed input file or --auth before the slow model load.
+    # Fail on a malformed input file, an unusable output file, --auth or a busy port before the slow
+    # model load.
     if batch_mode:
-        read_instructions(input_file)
+        check_output_file(output_file)
+        read_finished(output_file, read_instructions(input_file))
     else:
-        from alpaca.demo import build_demo, launch_demo, parse_auth
+        from alpaca.demo import build_demo, check_port_free, launch_demo, parse_auth, request_body_limit
 
         auth_pair = parse_auth(auth)
+        check_port_free(server_name, server_port)
     generators = load_generators(
         base_model,
         lora_weights=lora_weights,
@@ -117,6 +132,7 @@ def main(
         precision=precision,
         trust_remote_code=trust_remote_code,
         limits=limits,
+        stop_strings=None if stop is None else parse_stop_strings(stop),
     )
     print(json.dumps(describe(generators, settings, limits), indent=2))
     if batch_mode:
@@ -125,7 +141,16 @@ def main(
         return None
 
     demo = build_demo(generators, settings, limits)
-    launch_demo(demo, server_name, server_port, share_gradio, auth_pair, concurrency_limit, max_queue_size)
+    launch_demo(
+        demo,
+        server_name,
+        server_port,
+        share_gradio,
+        auth_pair,
+        concurrency_limit,
+        max_queue_size,
+        max_request_bytes=request_body_limit(limits),
+    )
     return None
 
 

@@ -22,7 +22,7 @@ def read_instructions(input_file: str) -> list[dict]:
     path = Path(input_file).expanduser()
     if not path.is_file():
         raise ValueError(f"--input_file={input_file!r}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, f"--input_file={input_file!r}")
     stripped = text.lstrip()
     if not stripped:
         raise ValueError(f"--input_file={input_file!r} is empty")
@@ -51,6 +51,28 @@ def read_instructions(input_file: str) -> list[dict]:
     return records
 
 
+def read_utf8(path: Path, flag: str) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming the file and the byte offset."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{flag} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+        ) from err
+
+
+def check_output_file(output_file: str) -> None:
+    """Raise a ValueError, before any model loads, when `output_file` cannot be a JSON file."""
+    path = Path(output_file).expanduser()
+    if path.is_dir():
+        raise ValueError(
+            f"--output_file={output_file!r} is a folder; give a file name, e.g. {output_file.rstrip('/')}/outputs.json"
+        )
+    blocking = next((parent for parent in path.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ValueError(f"--output_file={output_file!r}: {str(blocking)!r} is a file, not a folder")
+
+
 def check_record(record, place: str) -> None:
     """Raise a ValueError unless `record` is an object with a non-empty `instruction` string."""
     if not isinstance(record, dict):
@@ -75,7 +97,7 @@ def read_finished(output_file: str, records: list[dict]) -> list[dict]:
     if not path.is_file():
         return []
     try:
-        finished = json.loads(path.read_text(encoding="utf-8"))
+        finished = json.loads(read_utf8(path, f"--output_file={output_file!r}"))
     except json.JSONDecodeError as err:
         raise ValueError(
             f"--output_file={output_file!r} exists but is not valid JSON ({err}); move it away to start over"
@@ -109,12 +131,14 @@ def run_batch(
     """Generate for every record of `input_file` in batches and write `output_file`; return its records.
 
     Every prompt is checked (empty instruction, length limit) before the first batch, so a bad record
-    stops the run at once rather than an hour in.
+    stops the run at once rather than an hour in. `generator_name` defaults to the generator's label
+    (base model, plus adapter when there is one).
     """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+    check_output_file(output_file)
     records = read_instructions(input_file)
     for index, record in enumerate(records):
         generator.prompt_for(record["instruction"], record.get("input"), index=index)
@@ -127,8 +151,10 @@ def run_batch(
         {
             "input_file": input_file,
             "generator": name,
+            **generator.source,
             "batch_size": batch_size,
             "decoding": dict(settings.__dict__),
+            "stop_strings": list(generator.stop_strings),
         },
     )
     if settings.seed is not None:

@@ -3,22 +3,32 @@
 Every error a user can cause is shown in the page as a `gr.Error` message; anything unexpected is
 logged on the server with its traceback and reported in the page in one line, so the page never
 shows a stack trace and the server keeps serving.
+
+Gradio's usage analytics are off unless the user sets GRADIO_ANALYTICS_ENABLED=True: the demo serves
+private models, often offline, and should not call home.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import socket
 from collections.abc import Sequence
 
-import gradio as gr
+# Gradio reads this when it is imported and when a page is built; an explicit setting wins.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from alpaca.generation import (
+import gradio as gr  # noqa: E402
+
+from alpaca.generation import (  # noqa: E402
     MAX_BEAMS,
     DecodingSettings,
     GenerationLimits,
     ResponseGenerator,
     make_settings,
+    max_input_chars,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,7 +115,8 @@ def build_demo(
         except Exception as err:
             raise user_facing_error(err) from None
 
-    with gr.Blocks(title="Alpaca-LoRA") as demo:
+    analytics = os.environ.get("GRADIO_ANALYTICS_ENABLED", "False") == "True"
+    with gr.Blocks(title="Alpaca-LoRA", analytics_enabled=analytics) as demo:
         gr.Markdown(f"# {TITLE}\n" + DESCRIPTION.format(models=", ".join(g.name for g in generators)))
         with gr.Tab("Generate"):
             with gr.Row():
@@ -113,7 +124,8 @@ def build_demo(
                     instruction = gr.Textbox(
                         lines=2, label="Instruction", placeholder="Tell me about alpacas."
                     )
-                    input_box = gr.Textbox(lines=2, label="Input", placeholder="none")
+                    # An initial value makes `input` optional for API callers (gradio_client).
+                    input_box = gr.Textbox(lines=2, label="Input", placeholder="none", value="")
                     knobs = _decoding_inputs(defaults, limits)
                     stream_output = gr.Checkbox(label="Stream output", value=False)
                     seed = _seed_input(defaults)
@@ -136,7 +148,7 @@ def build_demo(
                 compare_instruction = gr.Textbox(
                     lines=2, label="Instruction", placeholder="Tell me about alpacas."
                 )
-                compare_input = gr.Textbox(lines=2, label="Input", placeholder="none")
+                compare_input = gr.Textbox(lines=2, label="Input", placeholder="none", value="")
                 with gr.Accordion("Decoding", open=False):
                     compare_knobs = _decoding_inputs(defaults, limits)
                     compare_seed = _seed_input(defaults)
@@ -163,7 +175,7 @@ def _decoding_inputs(defaults: DecodingSettings, limits: GenerationLimits) -> li
             maximum=1,
             value=defaults.temperature,
             label="Temperature",
-            info="0: greedy (deterministic); above 0: sampling",
+            info="0: deterministic (greedy with 1 beam, beam search with more); above 0: sampling",
         ),
         gr.Slider(minimum=0.01, maximum=1, value=defaults.top_p, label="Top p"),
         gr.Slider(minimum=0, maximum=100, step=1, value=defaults.top_k, label="Top k"),
@@ -194,6 +206,90 @@ def _seed_input(defaults: DecodingSettings) -> gr.Number:
     )
 
 
+def request_body_limit(limits: GenerationLimits) -> int:
+    """The largest request body the server reads, in bytes: room for an instruction and an input at
+    the character bound of `--max_input_tokens`, each character JSON-escaped (up to 12 bytes for a
+    non-ASCII one), plus 64 KiB for the settings and framing. Anything larger is refused unread."""
+    return 2 * max_input_chars(limits) * 12 + 64 * 1024
+
+
+class RequestBodyLimit:
+    """ASGI middleware: answer 413 to a request whose body is over `max_bytes`.
+
+    Gradio 6 has no limit of its own on request bodies (`max_file_size` covers uploads only), so a
+    50 MB instruction was read, queued and tokenized. A declared Content-Length over the limit is
+    refused before the body is read; a body sent without one is counted as it arrives.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        received = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps(
+            {"error": f"request body over {self.max_bytes} bytes (the limit follows --max_input_tokens)"}
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def check_port_free(server_name: str, server_port: int) -> None:
+    """Raise a ValueError naming the port when another process listens on it (checked before the
+    model loads; Gradio's own message came after it and spoke of a "range")."""
+    host = "" if server_name in ("0.0.0.0", "") else server_name
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind((host, server_port))
+        except OSError as err:
+            if err.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise ValueError(_port_message(server_name, server_port, err)) from err
+            raise ValueError(f"--server_name={server_name!r} cannot be served on: {err}") from err
+
+
+def _port_message(server_name: str, server_port: int, err: OSError) -> str:
+    reason = "permission denied" if getattr(err, "errno", None) == errno.EACCES else "already in use"
+    return (
+        f"--server_port={server_port}: port {server_port} on {server_name} is {reason} (another server, "
+        f"or an earlier demo still running); pick another with --server_port=..."
+    )
+
+
 def launch_demo(
     demo: gr.Blocks,
     server_name: str = "127.0.0.1",
@@ -203,11 +299,15 @@ def launch_demo(
     concurrency_limit: int = 1,
     max_queue_size: int = 64,
     block: bool = True,
+    max_request_bytes: int | None = None,
 ) -> gr.Blocks:
     """Queue and start the server; bind `server_name` only (loopback unless told otherwise).
 
     With `block=False` the server runs in a background thread and `demo.close()` stops it.
+    `max_request_bytes` (see `request_body_limit`) refuses larger request bodies with 413.
     """
+    from starlette.middleware import Middleware
+
     if server_name not in LOOPBACK and auth is None:
         logger.warning(
             "serving on %s without --auth: anyone who can reach port %s can use the model",
@@ -217,17 +317,24 @@ def launch_demo(
     if share and auth is None:
         logger.warning("--share_gradio without --auth: anyone with the public link can use the model")
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue_size)
-    demo.launch(
-        server_name=server_name,
-        server_port=server_port,
-        share=share,
-        auth=auth,
-        prevent_thread_lock=True,
-        show_error=False,
-        ssr_mode=False,
-        footer_links=["api"],
-        quiet=True,
-    )
+    middleware = [Middleware(RequestBodyLimit, max_bytes=max_request_bytes)] if max_request_bytes else []
+    try:
+        demo.launch(
+            server_name=server_name,
+            server_port=server_port,
+            share=share,
+            auth=auth,
+            prevent_thread_lock=True,
+            show_error=False,
+            ssr_mode=False,
+            footer_links=["api"],
+            quiet=True,
+            app_kwargs={"middleware": middleware},
+        )
+    except OSError as err:
+        if "port" not in str(err).lower():
+            raise
+        raise ValueError(_port_message(server_name, server_port, err)) from err
     print(f"serving on {demo.local_url}" + (f" and {demo.share_url}" if share and demo.share_url else ""))
     if block:
         demo.block_thread()

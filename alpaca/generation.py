@@ -11,7 +11,11 @@ state), and keeps peft's `generate`, which patches the base model while it runs,
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -20,12 +24,12 @@ from pathlib import Path
 
 from alpaca.modeling import (
     check_adapter_fits,
-    check_model_path,
     load_adapter,
     load_base_model,
     load_tokenizer,
     pick_device,
     read_adapter_config,
+    resolve_base_model,
     resolve_dtype,
 )
 from alpaca.prompter import Prompter
@@ -34,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 MAX_BEAMS = 4
 MAX_TEMPERATURE = 2.0
+# No tokenizer in use packs more characters than this into a token of ordinary text (English BPE
+# averages about 4), so text over max_input_tokens * MAX_CHARS_PER_TOKEN characters is over the token
+# limit too and is refused without tokenizing it (a 50 MB instruction took 99 s and 2.4 GB to tokenize).
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass
@@ -41,7 +49,8 @@ class DecodingSettings:
     """How to decode; the defaults are upstream Alpaca-LoRA's page defaults.
 
     Attributes:
-        temperature: 0 decodes greedily; above 0 samples, with top-p and top-k applied.
+        temperature: 0 is deterministic: greedy with `num_beams=1`, beam search with more beams (the
+            default 4); above 0 samples, with top-p and top-k applied.
         top_p: nucleus sampling mass (1 turns it off); used only when sampling.
         top_k: sample among the k most likely tokens (0 turns it off); used only when sampling.
         num_beams: beam search width; 1 is plain greedy or sampling. Streaming always uses 1.
@@ -73,6 +82,11 @@ class GenerationLimits:
 
     max_input_tokens: int = 1024
     max_new_tokens: int = 1024
+
+
+def max_input_chars(limits: GenerationLimits) -> int:
+    """The character bound of a request's instruction plus input, derived from `max_input_tokens`."""
+    return limits.max_input_tokens * MAX_CHARS_PER_TOKEN
 
 
 def make_settings(
@@ -151,6 +165,92 @@ def build_generation_config(tokenizer, settings: DecodingSettings, streaming: bo
     return GenerationConfig(**kwargs)
 
 
+def template_stop_strings(template: dict) -> tuple[str, ...]:
+    """The text that starts a new turn in a prompt template, derived from the template itself.
+
+    A model that has answered often goes on to invent the next turn ("### Instruction:", "### Input:",
+    "### Response:"). The markers are the headers that introduce `{instruction}` and `{input}` (the
+    line before the placeholder, or the text before it on its own line), the template's
+    `response_split`, and the opening words both prompts share (Alpaca's "Below is an instruction
+    that describes a task"), when they are not a marker already.
+    """
+    markers = []
+    for prompt in (template["prompt_input"], template["prompt_no_input"]):
+        lines = prompt.splitlines()
+        for index, line in enumerate(lines):
+            position = min((line.find(p) for p in ("{instruction}", "{input}") if p in line), default=-1)
+            if position < 0:
+                continue
+            before = line[:position].strip()
+            previous = next((text.strip() for text in reversed(lines[:index]) if text.strip()), "")
+            marker = before or previous
+            if marker and "{" not in marker:
+                markers.append(marker)
+    markers.append(template["response_split"].strip())
+    first_lines = [
+        template[key].splitlines()[0] if template[key] else "" for key in ("prompt_input", "prompt_no_input")
+    ]
+    opening = os.path.commonprefix(first_lines).split("{")[0].rstrip(" ,.;:")
+    if len(opening) >= 16 and not any(opening.startswith(marker) for marker in markers):
+        markers.append(opening)
+    return tuple(dict.fromkeys(marker for marker in markers if marker))
+
+
+def parse_stop_strings(value) -> tuple[str, ...]:
+    r"""`--stop` -> stop strings: a comma-separated list (or fire's tuple); `\n` stands for a newline."""
+    if isinstance(value, bool):
+        raise ValueError('--stop needs a value: --stop="### Instruction:,### Input:", or --stop="" for none')
+    if isinstance(value, int | float):
+        value = str(value)
+    return tuple(item.replace("\\n", "\n") for item in split_list(value))
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the earliest stop string (trailing space removed), and whether one was found."""
+    cut = min(
+        (index for index in (text.find(stop) for stop in stop_strings if stop) if index >= 0), default=-1
+    )
+    if cut < 0:
+        return text, False
+    return text[:cut].rstrip(), True
+
+
+def held_back(text: str, stop_strings: Sequence[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string (so a stream
+    must not show them yet: the final reply would drop them)."""
+    longest = 0
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class _StopAtStrings:
+    """A stopping criterion: a row is done once its generated text contains a stop string.
+
+    Each step decodes only the last few generated tokens of each row: every token decodes to at least
+    one byte, so a window of (longest stop string in bytes + 2) tokens holds any stop string completed
+    by the newest token. A row that stopped is padded by `generate`; the reply is then trimmed at the
+    earliest stop string (`cut_at_stop`), which also catches one completed on the last allowed token.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_length: int):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.prompt_length = prompt_length
+        self.window = max(len(stop.encode("utf-8")) for stop in self.stop_strings) + 2
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        tails = input_ids[:, self.prompt_length :][:, -self.window :]
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stop_strings) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class Reply:
     """One generated response and the number of tokens generated for it (EOS and padding excluded)."""
@@ -185,6 +285,10 @@ class ResponseGenerator:
             disabled). Ignored for plain models.
         lock: shared by every `ResponseGenerator` over the same model object.
         limits: prompt length and `max_new_tokens` limits.
+        stop_strings: generation stops once the reply contains one of these, and the reply is cut
+            before it. None derives them from the template (`template_stop_strings`); () disables them.
+        source: where the model came from (base model flag, its folder, GGUF file, adapter), recorded
+            beside batch outputs.
     """
 
     def __init__(
@@ -196,14 +300,20 @@ class ResponseGenerator:
         adapter_name: str | None = None,
         lock: threading.Lock | None = None,
         limits: GenerationLimits | None = None,
+        stop_strings: Sequence[str] | None = None,
+        source: dict | None = None,
     ):
         self.model = model
+        self.source = dict(source or {})
         self.tokenizer = tokenizer
         self.prompter = prompter
         self.name = name
         self.adapter_name = adapter_name
         self.lock = lock or threading.Lock()
         self.limits = limits or GenerationLimits()
+        if stop_strings is None:
+            stop_strings = template_stop_strings(prompter.template)
+        self.stop_strings = tuple(stop for stop in stop_strings if stop)
 
     def prompt_for(self, instruction: str, input: str | None = None, index: int | None = None) -> str:
         """The prompt for one request, after checking it; `index` names a batch record in errors."""
@@ -212,6 +322,13 @@ class ResponseGenerator:
             raise ValueError(f"{where}the instruction is empty: type what the model should do")
         if input is not None and not isinstance(input, str):
             raise ValueError(f"{where}the input must be text, got {type(input).__name__}")
+        num_chars = len(instruction) + len(input or "")
+        if num_chars > max_input_chars(self.limits):
+            raise ValueError(
+                f"{where}the instruction and input are {num_chars} characters long, far over the limit of "
+                f"{self.limits.max_input_tokens} tokens (--max_input_tokens; at most {max_input_chars(self.limits)} "
+                "characters are even tokenized): shorten the instruction or input"
+            )
         prompt = self.prompter.generate_prompt(instruction, input or None)
         num_tokens = len(self.tokenizer(prompt)["input_ids"])
         if num_tokens > self.limits.max_input_tokens:
@@ -241,31 +358,38 @@ class ResponseGenerator:
         Left padding keeps every prompt's last token at the end of the row, where generation continues,
         and the attention mask hides the padding. Positions need no correction: OPT-style models derive
         them from the mask, and rotary attention (LLaMA) depends only on relative positions. So under
-        greedy decoding each row's output equals the output for that prompt alone (tested).
+        greedy decoding each row's output equals the output for that prompt alone (tested). A row
+        ends at EOS or at a stop string; `num_tokens` counts its tokens up to there.
         """
         settings = settings or DecodingSettings()
         prompts = [self.prompt_for(instruction, input) for instruction, input in requests]
         encoded = self._encode(prompts)
         config = build_generation_config(self.tokenizer, settings)
-        with self._using_model(settings):
-            output = self.model.generate(**encoded, generation_config=config)
         prompt_length = encoded["input_ids"].shape[1]
+        with self._using_model(settings):
+            output = self.model.generate(
+                **encoded, generation_config=config, stopping_criteria=self._stopping_criteria(prompt_length)
+            )
+        ended = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
         replies = []
         for row, prompt_ids in zip(output, encoded["input_ids"]):
-            ends = (row[prompt_length:] == self.tokenizer.eos_token_id).nonzero()
-            num_tokens = int(ends[0, 0]) if len(ends) else len(row) - prompt_length
+            generated = row[prompt_length:].tolist()
+            num_tokens = next((i for i, token in enumerate(generated) if token in ended), len(generated))
             replies.append(Reply(self._response(prompt_ids, row), num_tokens))
         return replies
 
     def stream(
         self, instruction: str, input: str | None = None, settings: DecodingSettings | None = None
     ) -> Iterator[str]:
-        """Yield the response so far, growing as tokens are generated; ends at EOS or the token limit.
+        """Yield the response so far, growing as tokens are generated; ends at EOS, a stop string or the
+        token limit.
 
         Generation runs in a thread that feeds a `TextIteratorStreamer`. If the reader stops early
         (Gradio closes the generator when a request is cancelled), generation stops at the next token.
+        Text that may be the start of a stop string is held back until it is clearly not one, so every
+        update extends the previous one and the last equals `generate`'s reply.
         """
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
 
         settings = settings or DecodingSettings()
         prompt = self.prompt_for(instruction, input)
@@ -274,15 +398,13 @@ class ResponseGenerator:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()
         failure: list[BaseException] = []
+        criteria = self._stopping_criteria(encoded["input_ids"].shape[1], _StopWhenSet(stop))
 
         def run() -> None:
             try:
                 with self._using_model(settings):
                     self.model.generate(
-                        **encoded,
-                        generation_config=config,
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+                        **encoded, generation_config=config, streamer=streamer, stopping_criteria=criteria
                     )
             except BaseException as err:  # re-raised in the reader's thread below
                 failure.append(err)
@@ -294,9 +416,22 @@ class ResponseGenerator:
         try:
             for piece in streamer:
                 text += piece
-                current = self.prompter.get_response(prompt + text, prompt=prompt)
+                current, stopped = cut_at_stop(
+                    self.prompter.get_response(prompt + text, prompt=prompt), self.stop_strings
+                )
+                if not stopped:
+                    current = current[: len(current) - held_back(current, self.stop_strings)].rstrip()
                 if current != response:
                     response, yielded = current, True
+                    yield response
+                if stopped:
+                    break
+            else:
+                final = cut_at_stop(
+                    self.prompter.get_response(prompt + text, prompt=prompt), self.stop_strings
+                )[0]
+                if final != response:
+                    response, yielded = final, True
                     yield response
         finally:
             stop.set()
@@ -305,6 +440,14 @@ class ResponseGenerator:
             raise failure[0]
         if not yielded:
             yield response
+
+    def _stopping_criteria(self, prompt_length: int, *extra):
+        from transformers import StoppingCriteriaList
+
+        criteria = list(extra)
+        if self.stop_strings:
+            criteria.append(_StopAtStrings(self.tokenizer, self.stop_strings, prompt_length))
+        return StoppingCriteriaList(criteria)
 
     def _encode(self, prompts: list[str]):
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
@@ -316,7 +459,7 @@ class ResponseGenerator:
         # decoded output; the template's response marker is the fallback.
         prompt = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
         output = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-        return self.prompter.get_response(output, prompt=prompt)
+        return cut_at_stop(self.prompter.get_response(output, prompt=prompt), self.stop_strings)[0]
 
     @contextmanager
     def _using_model(self, settings: DecodingSettings):
@@ -328,9 +471,10 @@ class ResponseGenerator:
             yield
 
     def _adapter_context(self):
-        from peft import PeftModel
-
-        if not isinstance(self.model, PeftModel):
+        # A PeftModel exists only once peft is imported; importing it just to check would import
+        # bitsandbytes too (peft does when it is installed), for every plain model.
+        peft = sys.modules.get("peft")
+        if peft is None or not isinstance(self.model, peft.PeftModel):
             return nullcontext()
         if self.adapter_name is None:
             return self.model.disable_adapter()
@@ -346,9 +490,57 @@ def split_list(value: str | Sequence[str] | None) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+GENERIC_FOLDER_NAMES = {"hf", "merged", "model", "models", "output", "outputs", "final", "adapter", "lora"}
+
+
 def display_name(path: str) -> str:
-    """A short label for a model path or hub id: its last component."""
-    return Path(path.rstrip("/")).name or path
+    """A short label for a model path, GGUF file or hub id: its last component, without `.gguf`;
+    with the parent folder's name when the last one says nothing (`hf`, `checkpoint-200`, ...)."""
+    path = Path(str(path).rstrip("/"))
+    name = path.name or str(path)
+    if name.lower().endswith(".gguf"):
+        return name[: -len(".gguf")]
+    generic = name.lower() in GENERIC_FOLDER_NAMES or re.fullmatch(r"checkpoint-\d+", name)
+    if generic and path.parent.name:
+        return f"{path.parent.name}/{name}"
+    return name
+
+
+def model_label(base_model: str, folder: str) -> str:
+    """The label of a base model: for a merged export (its `export_info.json` names the base and the
+    adapter), "base + adapter (merged)"; otherwise `display_name` of what the user passed."""
+    info_path = Path(folder) / "export_info.json"
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = {}
+        if isinstance(info, dict) and info.get("base_model") and info.get("lora_weights"):
+            return f"{display_name(info['base_model'])} + {display_name(info['lora_weights'])} (merged)"
+    return display_name(base_model)
+
+
+def check_hub_adapter(lora_weights: str, flag: str = "--lora_weights") -> None:
+    """For an adapter given as a hub id, fetch its `adapter_config.json` (from the cache when offline)
+    before the slow model load; a failure says the adapter could not be fetched, and how to go on.
+
+    Without this check, peft's own failure offline surfaced as "does not fit the base model".
+    """
+    if not lora_weights or read_adapter_config(lora_weights, flag) is not None:
+        return
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(lora_weights, "adapter_config.json")
+    except Exception as err:  # offline, no network, no such repository, gated, malformed id
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else type(err).__name__
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"{flag}={lora_weights!r} is not a local folder and could not be fetched from the Hugging Face "
+            f'hub ({reason}: {detail}). Pass a local adapter folder, or {flag}="" to run the base '
+            "model alone (or a merged model)."
+        ) from err
 
 
 def add_adapter(peft_model, lora_weights: str, adapter_name: str) -> None:
@@ -406,23 +598,30 @@ def load_generators(
     precision: str = "auto",
     trust_remote_code: bool = False,
     limits: GenerationLimits | None = None,
+    stop_strings: Sequence[str] | None = None,
 ) -> list[ResponseGenerator]:
     """Load the models to serve; the first generator is the main one (base + `lora_weights`).
 
     Extra adapters share the base model's weights (one `PeftModel` with named adapters); when any
     adapter is loaded, the base model alone is offered too, for comparison. Each of
-    `compare_base_models` is loaded as a separate model without adapters.
+    `compare_base_models` is loaded as a separate model without adapters. A `.gguf` base model is
+    converted once to a cached HF folder. `stop_strings`: None derives them from the template.
     """
     prompter = Prompter(prompt_template or None)
-    limits = limits or GenerationLimits()
+    common = dict(prompter=prompter, limits=limits or GenerationLimits(), stop_strings=stop_strings)
     extra_adapters = split_list(compare_lora_weights)
-    check_model_path(base_model, "--base_model")
-    for path in [lora_weights, *extra_adapters]:
-        if path:
-            read_adapter_config(path)
-    model, tokenizer = load_model(base_model, load_8bit, load_4bit, precision, trust_remote_code)
+    # Every path is checked before the slow loads: a typo in the last flag should not cost a model load.
+    folder, gguf_info = resolve_base_model(base_model, "--base_model")
+    check_hub_adapter(lora_weights, "--lora_weights")
+    for path in extra_adapters:
+        check_hub_adapter(path, "--compare_lora_weights")
+    others = [
+        (path, *resolve_base_model(path, "--compare_base_models")) for path in split_list(compare_base_models)
+    ]
+    source = {"base_model": base_model, "base_model_folder": folder, "base_model_gguf": gguf_info}
+    model, tokenizer = load_model(folder, load_8bit, load_4bit, precision, trust_remote_code)
     lock = threading.Lock()
-    base_label = display_name(base_model)
+    base_label = model_label(base_model, folder)
     generators = []
     adapters = [path for path in [lora_weights, *extra_adapters] if path]
     if adapters:
@@ -434,24 +633,29 @@ def load_generators(
         for index, path in enumerate(adapters):
             label = f"{base_label} + {display_name(path)}"
             generators.append(
-                ResponseGenerator(model, tokenizer, prompter, label, f"adapter{index}", lock, limits)
-            )
-        if not lora_weights:
-            generators.insert(
-                0, ResponseGenerator(model, tokenizer, prompter, base_label, None, lock, limits)
-            )
-        else:
-            generators.append(
                 ResponseGenerator(
-                    model, tokenizer, prompter, f"{base_label} (no adapter)", None, lock, limits
+                    model,
+                    tokenizer,
+                    name=label,
+                    adapter_name=f"adapter{index}",
+                    lock=lock,
+                    source={**source, "lora_weights": path},
+                    **common,
                 )
             )
+        alone = base_label if not lora_weights else f"{base_label} (no adapter)"
+        base_alone = ResponseGenerator(model, tokenizer, name=alone, lock=lock, source=source, **common)
+        generators.insert(0 if not lora_weights else len(generators), base_alone)
     else:
-        generators.append(ResponseGenerator(model, tokenizer, prompter, base_label, None, lock, limits))
-    for path in split_list(compare_base_models):
-        other, other_tokenizer = load_model(path, load_8bit, load_4bit, precision, trust_remote_code)
         generators.append(
-            ResponseGenerator(other, other_tokenizer, prompter, display_name(path), None, None, limits)
+            ResponseGenerator(model, tokenizer, name=base_label, lock=lock, source=source, **common)
+        )
+    for path, other_folder, other_gguf in others:
+        other, other_tokenizer = load_model(other_folder, load_8bit, load_4bit, precision, trust_remote_code)
+        other_source = {"base_model": path, "base_model_folder": other_folder, "base_model_gguf": other_gguf}
+        label = model_label(path, other_folder)
+        generators.append(
+            ResponseGenerator(other, other_tokenizer, name=label, source=other_source, **common)
         )
     _make_names_unique(generators)
     return generators
@@ -472,6 +676,9 @@ def describe(
     """The resolved configuration, for printing once at start-up."""
     return {
         "models": [generator.name for generator in generators],
+        "base_model": generators[0].source.get("base_model"),
+        "base_model_folder": generators[0].source.get("base_model_folder"),
+        "stop_strings": list(generators[0].stop_strings),
         "device": str(getattr(generators[0].model, "device", "cpu")),
         "dtype": str(getattr(generators[0].model, "dtype", "")),
         "decoding": asdict(settings),

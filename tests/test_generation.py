@@ -15,9 +15,16 @@ from alpaca.generation import (
     GenerationLimits,
     ResponseGenerator,
     build_generation_config,
+    cut_at_stop,
+    display_name,
+    held_back,
     load_generators,
     make_settings,
+    model_label,
+    parse_stop_strings,
+    template_stop_strings,
 )
+from alpaca.prompter import load_template
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = DecodingSettings(temperature=0, num_beams=1, max_new_tokens=24)
@@ -137,6 +144,106 @@ def test_adapters_share_one_base_without_leaking(generators, tiny_llama, tiny_ll
     assert plain.generate("Tell me about alpacas.", None, GREEDY) == replies[2]
 
 
+# Stop strings -----------------------------------------------------------------------------------
+
+
+def test_stop_strings_come_from_the_template():
+    assert template_stop_strings(load_template("alpaca")) == (
+        "### Instruction:",
+        "### Input:",
+        "### Response:",
+        "Below is an instruction that describes a task",
+    )
+    assert template_stop_strings(load_template("alpaca_short")) == (
+        "### Instruction:",
+        "### Input:",
+        "### Response:",
+    )
+    assert template_stop_strings(load_template("alpaca_legacy"))[:3] == (
+        "### Instruction:",
+        "### Input:",
+        "### Response:",
+    )
+    assert template_stop_strings(load_template("vigogne")) == (
+        "### Instruction:",
+        "### Entrée:",
+        "### Réponse:",
+        "Ci-dessous se trouve une instruction qui décrit une tâche",
+    )
+    one_line = {
+        "prompt_input": "USER: {instruction}\nCONTEXT: {input}\nASSISTANT:",
+        "prompt_no_input": "USER: {instruction}\nASSISTANT:",
+        "response_split": "ASSISTANT:",
+    }
+    assert template_stop_strings(one_line) == ("USER:", "CONTEXT:", "ASSISTANT:")
+
+
+def test_stop_string_helpers():
+    assert cut_at_stop(
+        "Paris.\n\n### Instruction:\nMore ### Response:", ["### Response:", "### Instruction:"]
+    ) == (
+        "Paris.",
+        True,
+    )
+    assert cut_at_stop("Paris.", ["###"]) == ("Paris.", False)
+    assert held_back("Paris.\n\n### Inst", ["### Instruction:"]) == len("### Inst")
+    assert held_back("Paris. #", ["### Instruction:", "#!"]) == 1
+    assert held_back("Paris.", ["### Instruction:"]) == 0
+    assert parse_stop_strings("### Instruction:, ### Input:") == ("### Instruction:", "### Input:")
+    assert parse_stop_strings(("a", "b")) == ("a", "b") and parse_stop_strings("") == ()
+    assert parse_stop_strings("\\n\\n") == ("\n\n",)
+    with pytest.raises(ValueError, match="--stop needs a value"):
+        parse_stop_strings(True)
+
+
+@pytest.fixture(scope="module")
+def base_raw_and_stop(generators):
+    """The base model alone, without stop strings, and a stop string taken from the middle of its
+    greedy reply to REQUESTS[0] (the tiny model's noise holds no template marker to stop at)."""
+    base = generators[-1]
+    raw = ResponseGenerator(
+        base.model, base.tokenizer, base.prompter, "raw", None, base.lock, stop_strings=()
+    )
+    reply = raw.generate_replies([REQUESTS[0]], GREEDY)[0]
+    words = reply.text.split()
+    stop = next(word for word in words[len(words) // 3 :] if len(word) >= 3 and word in reply.text[10:])
+    return raw, stop
+
+
+def test_generation_stops_at_a_stop_string_and_trims_it(base_raw_and_stop):
+    raw, stop = base_raw_and_stop
+    stopping = ResponseGenerator(
+        raw.model, raw.tokenizer, raw.prompter, "stop", None, raw.lock, stop_strings=[stop]
+    )
+    full = raw.generate_replies([REQUESTS[0]], GREEDY)[0]
+    cut = stopping.generate_replies([REQUESTS[0]], GREEDY)[0]
+    assert cut.text == full.text[: full.text.index(stop)].rstrip() and stop not in cut.text
+    assert cut.num_tokens < full.num_tokens == GREEDY.max_new_tokens  # generation itself stopped early
+    # Batched rows stop one by one; each equals its one-at-a-time reply.
+    one_by_one = [stopping.generate(instruction, input, GREEDY) for instruction, input in REQUESTS]
+    assert stopping.generate_batch(REQUESTS, GREEDY) == one_by_one
+    beams = make_settings(temperature=0, num_beams=3, max_new_tokens=24)
+    assert stop not in stopping.generate(*REQUESTS[0], beams)
+
+
+def test_stream_stops_at_a_stop_string_and_never_shows_it(base_raw_and_stop):
+    raw, stop = base_raw_and_stop
+    stopping = ResponseGenerator(
+        raw.model, raw.tokenizer, raw.prompter, "stop", None, raw.lock, stop_strings=[stop]
+    )
+    pieces = list(stopping.stream(*REQUESTS[0], GREEDY))
+    assert pieces[-1] == stopping.generate(*REQUESTS[0], GREEDY)
+    assert all(later.startswith(earlier) for earlier, later in zip(pieces, pieces[1:]))
+    assert not any(stop in piece for piece in pieces)
+    assert not stopping.lock.locked()
+
+
+def test_default_stop_strings_follow_the_template(generators, tiny_llama):
+    assert generators[0].stop_strings == template_stop_strings(load_template("alpaca"))
+    (short,) = load_generators(tiny_llama, lora_weights="", prompt_template="alpaca_short", stop_strings=())
+    assert short.stop_strings == ()
+
+
 def test_bad_requests_raise_clear_errors(main):
     with pytest.raises(ValueError, match="instruction is empty"):
         main.generate("   ", None, GREEDY)
@@ -146,6 +253,52 @@ def test_bad_requests_raise_clear_errors(main):
     )
     with pytest.raises(ValueError, match=r"over the limit of 40 tokens \(--max_input_tokens\)"):
         short.generate("Tell me about alpacas.", "word " * 50, GREEDY)
+
+
+def test_oversized_text_is_refused_before_tokenizing(main, monkeypatch):
+    """A 4 MB instruction is refused by its length in characters; the tokenizer never sees it."""
+    limits = GenerationLimits(max_input_tokens=1024)
+    generator = ResponseGenerator(
+        main.model, main.tokenizer, main.prompter, "g", "adapter0", main.lock, limits
+    )
+    tokenizer_type = type(main.tokenizer)
+    original = tokenizer_type.__call__
+
+    def refuse_long(self, text, *args, **kwargs):
+        assert len(str(text)) < 100_000, "tokenized an oversized request"
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_type, "__call__", refuse_long)
+    with pytest.raises(ValueError, match=r"4000005 characters long.*1024 tokens \(--max_input_tokens"):
+        generator.prompt_for("word " * 800_000, "input")
+    assert generator.prompt_for("Tell me about alpacas.", None).endswith("### Response:\n")
+
+
+def test_an_unreachable_hub_adapter_says_it_could_not_be_fetched(tiny_llama):
+    """Offline (HF_HUB_OFFLINE=1 in the tests), upstream's default adapter cannot be fetched: say so,
+    before loading the model, not "does not fit the base model"."""
+    with pytest.raises(
+        ValueError, match=r"'tloen/alpaca-lora-7b' is not a local folder and could not be fetched"
+    ) as err:
+        load_generators(tiny_llama, lora_weights="tloen/alpaca-lora-7b")
+    assert "HF_HUB_OFFLINE" in str(err.value) and '--lora_weights=""' in str(err.value)
+    with pytest.raises(
+        ValueError, match="--compare_lora_weights='nobody/no-such-adapter' is not a local folder"
+    ):
+        load_generators(tiny_llama, lora_weights="", compare_lora_weights="nobody/no-such-adapter")
+
+
+def test_model_labels_say_what_the_model_is(tmp_path):
+    assert display_name("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
+    assert display_name("./lora-alpaca/checkpoint-200") == "lora-alpaca/checkpoint-200"
+    assert display_name("tloen/alpaca-lora-7b") == "alpaca-lora-7b"
+    merged = tmp_path / "run-a" / "hf"
+    merged.mkdir(parents=True)
+    assert model_label(str(merged), str(merged)) == "run-a/hf"
+    (merged / "export_info.json").write_text(
+        json.dumps({"base_model": "/m/SmolLM2-135M-Instruct.Q4_1.gguf", "lora_weights": "./lora-alpaca"})
+    )
+    assert model_label(str(merged), str(merged)) == "SmolLM2-135M-Instruct.Q4_1 + lora-alpaca (merged)"
 
 
 @pytest.mark.filterwarnings("ignore:Found missing adapter keys")
