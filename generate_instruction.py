@@ -42,6 +42,7 @@ def generate_instruction_following_data(
     save_every_s: float = 10.0,
     progress: bool = True,
     max_requests_without_new: int = 50,
+    rouge_tokenizer: str = "rouge_score",
 ) -> None:
     """Generate instruction-following data from seed tasks with an OpenAI-compatible model.
 
@@ -71,6 +72,7 @@ def generate_instruction_following_data(
         save_every_s: seconds between rewrites of regen.json (the journal is saved after every request).
         progress: show the progress bar.
         max_requests_without_new: stop after this many requests in a row keep no new instruction (0: never).
+        rouge_tokenizer: "rouge_score" (upstream's, exact; keeps only a-z and 0-9) or "unicode" for other languages: words of any script, each Chinese/Japanese character a word, used by the ROUGE-L and length filters; the non-ASCII first-character filter is then off.
     """
     settings = dict(locals())
     from alpaca.selfinstruct.client import APIFailure

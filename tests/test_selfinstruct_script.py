@@ -517,3 +517,22 @@ def test_a_garbled_journal_line_stops_the_rerun_before_any_request_and_deletes_n
         assert len(server.log) == sent
     assert exited.value.code == 2 and journal.read_bytes() == b"\n".join(lines)
     assert f"generate_instruction.py: error: {journal} line 3: not valid JSON" in capsys.readouterr().err
+
+
+def test_unicode_tokenizer_keeps_chinese_and_rejects_its_duplicates(tmp_path):
+    chinese = [
+        ("请写一首关于秋天的诗。", "", "秋风起，落叶飞。"),
+        ("请写一首关于秋天的诗", "", "又一首。"),
+        ("解释为什么天空是蓝色的。", "", "因为瑞利散射。"),
+    ]
+    answer = reply(*(block(4 + i, *record) for i, record in enumerate(chinese)))
+    flags = dict(num_instructions_to_generate=2, request_batch_size=1, max_concurrent_requests=1)
+    with ScriptedOpenAIServer(lambda prompt, attempt: answer) as server:
+        regen, summary = run_script(tmp_path / "unicode", server.base_url, rouge_tokenizer="unicode", **flags)
+        assert [record["instruction"] for record in regen] == [chinese[0][0], chinese[2][0]]
+        assert summary["rejected"]["rouge_similar"] == 1
+        assert regen[1]["most_similar_instructions"][chinese[0][0]] == pytest.approx(2 * 2 / 21)  # 天 ... 的
+        with pytest.raises(SystemExit, match="the last 2 requests kept no new instruction"):
+            run_script(tmp_path / "default", server.base_url, max_requests_without_new=2, **flags)
+    summary = json.loads((tmp_path / "default" / "generate_instruction_summary.json").read_text())
+    assert summary["kept"] == 0 and summary["rejected"]["too_short"] == 6

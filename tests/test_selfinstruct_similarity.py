@@ -135,3 +135,108 @@ def test_most_similar_indices_equals_a_stable_full_sort():
         scores = rng.integers(0, int(rng.integers(1, 12)), size=n) / 7.0
         expected = np.argsort(scores, kind="stable")[-10:][::-1]
         assert most_similar_indices(scores, 10).tolist() == expected.tolist(), trial
+
+
+def test_unicode_tokens():
+    from alpaca.selfinstruct.tokens import unicode_tokens
+
+    assert unicode_tokens("请写一首诗。") == ["请", "写", "一", "首", "诗"]
+    assert unicode_tokens("Écrivez un poème sur l'été, s'il vous plaît!") == [
+        "écrivez", "un", "poème", "sur", "l", "été", "s", "il", "vous", "plaît",
+    ]  # fmt: skip
+    assert unicode_tokens("ＡＢＣ１２３ und ﬁnden") == ["abc123", "und", "finden"]  # NFKC
+    assert unicode_tokens("कविता लिखिए") == ["कविता", "लिखिए"]  # vowel signs stay in their word
+    assert unicode_tokens("東京タワーについて説明してください") == list("東京タワーについて説明してください")
+    assert unicode_tokens("Напишите 3 совета_по сну") == ["напишите", "3", "совета", "по", "сну"]
+    assert unicode_tokens("") == [] and unicode_tokens("!!! ?") == []
+
+
+def test_unicode_tokens_equal_rouge_score_tokens_on_ascii():
+    from alpaca.selfinstruct.tokens import unicode_tokens
+
+    rng = random.Random(3)
+    printable = [chr(code) for code in range(32, 127)] + ["\t", "\n"]
+    texts = [random_text(rng) for _ in range(500)]
+    texts += ["".join(rng.choice(printable) for _ in range(rng.randint(0, 60))) for _ in range(500)]
+    for text in filter(str.isascii, texts):
+        assert unicode_tokens(text) == rouge_tokens(text), text
+
+
+def reference_lcs(a: list[str], b: list[str]) -> int:
+    """The textbook dynamic-programming LCS length."""
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+def reference_unicode_score(candidate: str, pool_text: str) -> float:
+    """ROUGE-L F-measure on Unicode tokens, written out plainly (rouge_score's float expression)."""
+    from alpaca.selfinstruct.tokens import unicode_tokens
+
+    target, prediction = unicode_tokens(candidate), unicode_tokens(pool_text)
+    if not target or not prediction:
+        return 0  # rouge_score's int zero, which upstream's JSON shows as 0
+    lcs = reference_lcs(target, prediction)
+    precision, recall = lcs / len(prediction), lcs / len(target)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+PHRASES = (
+    "请 写 一首 关于 秋天 的 诗",
+    "请写一首关于秋天的诗",
+    "解释 为什么 天空 是 蓝色 的",
+    "東京タワーについて説明してください",
+    "Écrivez un poème sur l'été",
+    "Expliquez pourquoi le ciel est bleu",
+    "Напишите короткий рассказ о зиме",
+    "कविता लिखिए और समझाइए",
+    "اكتب قصيدة عن البحر",
+    "Describe the water cycle",
+    "ＡＢＣ and ﬁnd 😀",
+)
+
+
+def multilingual_text(rng: random.Random) -> str:
+    words = " ".join(rng.choice(PHRASES) for _ in range(rng.randint(1, 3))).split()
+    rng.shuffle(words)
+    return " ".join(words[: rng.randint(0, len(words))]) if rng.random() < 0.5 else rng.choice(PHRASES)
+
+
+def test_unicode_scores_match_a_reference_lcs_exactly():
+    rng = random.Random(4)
+    pool = list(PHRASES) + [multilingual_text(rng) for _ in range(400)]
+    index = SimilarityIndex(tokenizer="unicode")
+    index.add(pool)
+    for _ in range(8):
+        candidate = multilingual_text(rng)
+        expected = np.array([reference_unicode_score(candidate, text) for text in pool], dtype=np.float64)
+        assert np.array_equal(index.scores(candidate), expected)
+
+
+def test_unicode_filter_matches_a_reference_loop_and_catches_chinese_duplicates():
+    rng = random.Random(5)
+    pool = list(PHRASES[:4]) + [multilingual_text(rng) for _ in range(100)]
+    candidates = [multilingual_text(rng) for _ in range(120)] + [
+        "请写一首关于秋天的诗。",
+        "请写一首关于冬天的诗",
+    ]
+    index = SimilarityIndex(tokenizer="unicode")
+    index.add(pool)
+    ours = index.filter_batch(candidates[:60]) + index.filter_batch(candidates[60:])
+    current = list(pool)
+    for candidate, verdict in zip(candidates, ours):
+        scores = [reference_unicode_score(candidate, text) for text in current]
+        assert verdict.keep == (max(scores) <= 0.7) and verdict.max_score == max(scores)
+        if verdict.keep:
+            top = np.argsort(scores, kind="stable")[-10:][::-1]
+            expected = {current[i]: scores[i] for i in top}
+            assert json.dumps(verdict.most_similar_instructions) == json.dumps(expected)
+            assert verdict.avg_similarity_score == float(np.mean(scores))
+            current.append(candidate)
+    # The same Chinese instruction with a full stop scores 1.0 (rouge_score's tokenizer: 0, kept).
+    assert not ours[-2].keep and ours[-2].max_score == 1.0 and ours[-1].max_score == 0.9
+    upstream = SimilarityIndex()
+    upstream.add(["请写一首关于秋天的诗"])
+    assert upstream.filter_batch(["请写一首关于秋天的诗"])[0].keep

@@ -250,3 +250,16 @@ def test_a_journal_whose_only_line_was_torn_gets_a_header_again(tmp_path):
     journal.start(seed=9, imported=[])
     journal.close()
     assert Journal(tmp_path).load().seed == 9
+
+
+def test_filters_with_the_unicode_tokenizer_count_words_of_any_script():
+    chinese = "请写一首关于秋天的诗"
+    assert rejection_reason(chinese) == "too_short"  # upstream: one "word", and non-ASCII
+    assert rejection_reason(chinese, "unicode") is None
+    assert (
+        rejection_reason("写一首诗", "unicode") is None and rejection_reason("写诗", "unicode") == "too_short"
+    )
+    assert rejection_reason("Écrivez un poème sur l'été.", "unicode") is None
+    assert rejection_reason("Écrivez un poème sur l'été.") == "non_ascii"
+    assert rejection_reason("请画一张图片 picture", "unicode") == "blacklist"
+    assert rejection_reason("字" * 151, "unicode") == "too_long"

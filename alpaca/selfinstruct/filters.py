@@ -30,12 +30,20 @@ _BLACKLIST_RE = re.compile(r"\b(" + "|".join(re.escape(word) for word in BLACKLI
 FILTER_NAMES = ("too_short", "too_long", "blacklist", "write_a_program", "punctuation", "non_ascii")
 
 
-def rejection_reason(instruction: str) -> str | None:
+def rejection_reason(instruction: str, tokenizer: str = "rouge_score") -> str | None:
     """Return the name of the first filter that rejects ``instruction``, or None to keep it.
 
-    The checks and their order are upstream's ``post_process_gpt3_response``.
+    The checks and their order are upstream's ``post_process_gpt3_response``. With
+    ``tokenizer="unicode"`` (instructions in other languages) words are counted as the Unicode
+    tokenizer splits them (a Chinese character is a word) and the non-ASCII first-character check,
+    which only keeps English, is off.
     """
-    num_words = len(instruction.split())
+    if tokenizer == "unicode":
+        from alpaca.selfinstruct.tokens import unicode_tokens
+
+        num_words = len(unicode_tokens(instruction))
+    else:
+        num_words = len(instruction.split())
     if num_words <= 3:
         return "too_short"
     if num_words > 150:
@@ -48,6 +56,6 @@ def rejection_reason(instruction: str) -> str | None:
         return "write_a_program"
     if instruction[0] in string.punctuation:
         return "punctuation"
-    if not instruction[0].isascii():
+    if tokenizer != "unicode" and not instruction[0].isascii():
         return "non_ascii"
     return None

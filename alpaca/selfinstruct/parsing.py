@@ -36,7 +36,11 @@ def _strip_repeated_header(text: str, first_number: int) -> str:
 
 
 def parse_reply(
-    text: str, finish_reason: str | None, num_prompt_instructions: int, chat: bool
+    text: str,
+    finish_reason: str | None,
+    num_prompt_instructions: int,
+    chat: bool,
+    tokenizer: str = "rouge_score",
 ) -> ParsedReply:
     """Split a reply into candidates, upstream's ``post_process_gpt3_response`` step by step.
 
@@ -45,6 +49,7 @@ def parse_reply(
         finish_reason: ``"length"`` when the reply was cut by ``max_tokens``.
         num_prompt_instructions: N, the number of examples in the prompt.
         chat: the reply came from the chat endpoint (a restated first header is tolerated).
+        tokenizer: how the length filters count words (``filters.rejection_reason``).
     """
     parsed = ParsedReply()
     first_number = num_prompt_instructions + 1
@@ -68,7 +73,7 @@ def parse_reply(
         task_input = parts[4].strip()
         task_input = "" if task_input.lower() == NO_INPUT else task_input
         output = parts[6].strip()
-        reason = rejection_reason(instruction)
+        reason = rejection_reason(instruction, tokenizer)
         if reason is not None:
             parsed.rejected[reason] = parsed.rejected.get(reason, 0) + 1
             continue

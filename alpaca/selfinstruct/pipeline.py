@@ -31,6 +31,7 @@ from alpaca.selfinstruct.prompts import (
 )
 from alpaca.selfinstruct.seeds import load_seed_tasks
 from alpaca.selfinstruct.similarity import SimilarityIndex
+from alpaca.selfinstruct.tokens import TOKENIZERS
 
 DEFAULT_MODEL = "gpt-4o-mini"
 CONFIG_NAME = "generate_instruction_config.json"
@@ -74,6 +75,7 @@ class GenerationConfig:
     save_every_s: float = 10.0
     progress: bool = True
     max_requests_without_new: int = 50
+    rouge_tokenizer: str = "rouge_score"
 
     def problems(self) -> list[str]:
         """Every invalid setting, each with the flag name and what is allowed."""
@@ -107,6 +109,10 @@ class GenerationConfig:
                 "--max_requests_without_new must be 0 (no limit) or more",
             ),
             output_dir_check(self.output_dir),
+            (
+                self.rouge_tokenizer in TOKENIZERS,
+                f"--rouge_tokenizer must be one of {', '.join(TOKENIZERS)}, not {self.rouge_tokenizer!r}",
+            ),
         ]
         for name in ("prompt_price_per_1m", "completion_price_per_1m"):
             value = getattr(self, name)
@@ -209,7 +215,9 @@ def generate(config: GenerationConfig) -> dict:
     journal.start(seed, imported=previous.records if previous.adopted else [])
     if previous.records:
         print(f"Loaded {len(previous.records)} machine-generated instructions")
-    index = SimilarityIndex(workers=min(config.num_cpus, os.cpu_count() or 1))
+    index = SimilarityIndex(
+        workers=min(config.num_cpus, os.cpu_count() or 1), tokenizer=config.rouge_tokenizer
+    )
     index.add([example["instruction"] for example in seed_examples])
     index.add([record["instruction"] for record in previous.records])
     prices = resolve_prices(config.model_name, config.prompt_price_per_1m, config.completion_price_per_1m)
@@ -472,7 +480,11 @@ def apply_reply(config, index: SimilarityIndex, journal: Journal, state: RunStat
     candidates, counts, well_formed = [], {"rejected": {}}, 0
     if reply.failure is None:
         parsed = parse_reply(
-            reply.text, reply.finish_reason, config.num_prompt_instructions, config.api == "chat"
+            reply.text,
+            reply.finish_reason,
+            config.num_prompt_instructions,
+            config.api == "chat",
+            config.rouge_tokenizer,
         )
         candidates = parsed.candidates
         counts["rejected"] = dict(parsed.rejected, malformed=parsed.malformed, truncated=parsed.truncated)

@@ -2,7 +2,8 @@
 
 Upstream scored each candidate against every seed and kept instruction with rouge_score's pure-Python
 LCS table (in a new process pool per candidate): about a second per candidate at a pool of 20K. Here
-each instruction is tokenized once with rouge_score's own tokenizer, its tokens are mapped to integer
+each instruction is tokenized once with rouge_score's own tokenizer (or, opted into, the Unicode one
+in ``tokens``), its tokens are mapped to integer
 ids and stored as a string whose characters are those ids, and rapidfuzz's bit-parallel LCS
 (``process.cdist`` with ``LCSseq``) computes the LCS lengths of a whole batch against the whole pool
 in C++. The F-measure is then computed with rouge_score's own float expression, vectorised, so every
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
-from rouge_score.tokenize import tokenize as rouge_tokenize
+
+from alpaca.selfinstruct.tokens import rouge_tokens
+from alpaca.selfinstruct.tokens import tokenizer as tokenizer_function
 
 ROUGE_THRESHOLD = 0.7
 NUM_MOST_SIMILAR = 10
@@ -26,9 +29,7 @@ _SURROGATES_START, _SURROGATES_SIZE = 0xD800, 0x800
 _MAX_TOKEN_IDS = 0x110000 - _SURROGATES_SIZE
 
 
-def rouge_tokens(text: str) -> list[str]:
-    """rouge_score's rougeL tokens (lower-case, non-alphanumeric runs split, no stemming)."""
-    return rouge_tokenize(text, None)
+__all__ = ["SimilarityIndex", "Verdict", "most_similar_indices", "rouge_fmeasure", "rouge_tokens"]
 
 
 def rouge_fmeasure(lcs: np.ndarray, prediction_lengths: np.ndarray, target_length: int) -> np.ndarray:
@@ -75,11 +76,13 @@ class SimilarityIndex:
     Args:
         workers: threads rapidfuzz may use for one batch (``num_cpus`` of the script).
         threshold: candidates scoring above this against any pool instruction are rejected.
+        tokenizer: "rouge_score" (upstream's, exact) or "unicode" (any script; see ``tokens``).
     """
 
-    def __init__(self, workers: int = 1, threshold: float = ROUGE_THRESHOLD):
+    def __init__(self, workers: int = 1, threshold: float = ROUGE_THRESHOLD, tokenizer: str = "rouge_score"):
         self.workers = workers
         self.threshold = threshold
+        self._tokenize = tokenizer_function(tokenizer)
         self._texts: list[str] = []
         self._encoded: list[str] = []
         self._lengths = np.zeros(1024, dtype=np.float64)
@@ -111,11 +114,11 @@ class SimilarityIndex:
     def add(self, texts: Sequence[str]) -> None:
         """Add instructions to the pool unconditionally (seeds, records loaded on resume)."""
         for text in texts:
-            self._append(text, self._encode(rouge_tokens(text)))
+            self._append(text, self._encode(self._tokenize(text)))
 
     def scores(self, text: str) -> np.ndarray:
         """ROUGE-L F-measures of ``text`` against every pool instruction, in pool order (pool unchanged)."""
-        candidate = self._encode(rouge_tokens(text))
+        candidate = self._encode(self._tokenize(text))
         lcs = process.cdist(
             [candidate], self._encoded, scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers
         )
@@ -132,7 +135,7 @@ class SimilarityIndex:
         if not texts:
             return []
         pool_size = len(self._texts)
-        encoded = [self._encode(rouge_tokens(text)) for text in texts]
+        encoded = [self._encode(self._tokenize(text)) for text in texts]
         to_pool = process.cdist(
             encoded, self._encoded, scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers
         )
