@@ -64,7 +64,7 @@ def generate_instruction_following_data(
         request_timeout: seconds before a request is abandoned and retried.
         initial_retry_delay: first backoff in seconds (doubles per retry, with jitter, at most 60 s; Retry-After wins).
         seed: seed for sampling the examples (and sent to the server); random and saved when not given.
-        max_cost_usd: spend at most this many dollars: a request is sent only if the cost so far, plus the worst case of every request in flight and of this one (its prompt and a full --max_tokens reply), stays within it.
+        max_cost_usd: never spend more (USD, all runs in output_dir): requests go out only while their worst case fits.
         prompt_price_per_1m: USD per 1M prompt tokens (overrides the built-in price; needed for unknown models).
         completion_price_per_1m: USD per 1M completion tokens.
         num_machine_instructions: how many of the prompt's examples come from generated tasks (self-instruct used 2 of 8).
@@ -72,7 +72,7 @@ def generate_instruction_following_data(
         save_every_s: seconds between rewrites of regen.json (the journal is saved after every request).
         progress: show the progress bar.
         max_requests_without_new: stop after this many requests in a row keep no new instruction (0: never).
-        rouge_tokenizer: "rouge_score" (upstream's, exact; keeps only a-z and 0-9) or "unicode" for other languages: words of any script, each Chinese/Japanese character a word, used by the ROUGE-L and length filters; the non-ASCII first-character filter is then off.
+        rouge_tokenizer: "rouge_score" (upstream's; keeps only a-z, 0-9) or "unicode" (any script; see the docs).
     """
     settings = dict(locals())
     from alpaca.selfinstruct.client import APIFailure

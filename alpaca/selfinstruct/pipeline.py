@@ -143,9 +143,13 @@ class GenerationConfig:
             else:
                 ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
             if not ok:
-                problems.append(
-                    f"--{spec.name} must be {wanted[base]}{' (or left out)' if optional else ''}, not {value!r}"
-                )
+                allowed = wanted[base] + (" (or left out)" if optional else "")
+                problem = f"--{spec.name} must be {allowed}, not {value!r}"
+                if base is str and isinstance(value, (int, float)):
+                    # fire reads --output_dir=2024 as a number.
+                    quoted = f"--{spec.name}='\"{value}\"'"
+                    problem += f" (for a name that looks like a number, write ./{value} or {quoted})"
+                problems.append(problem)
         return problems
 
 
