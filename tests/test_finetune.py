@@ -386,3 +386,25 @@ def test_command_line_help_and_errors(tmp_path):
     assert bad.returncode != 0
     assert "finetune.py: error:" in bad.stderr and "no such folder" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_gguf_base_model_is_converted_once_and_recorded(
+    tiny_llama, tiny_llama_adapter, small_data, tmp_path, monkeypatch
+):
+    import hashlib
+
+    from alpaca.export import export_gguf
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gguf_file = tmp_path / "tiny.gguf"
+    export_gguf(tiny_llama, tiny_llama_adapter, str(gguf_file), outtype="f32")
+    out = tmp_path / "out"
+    metrics = run(str(gguf_file), small_data, out, max_steps=2)
+    assert metrics["global_step"] == 2
+    config = json.loads((out / "run_config.json").read_text())
+    folder = Path(config["base_model"])
+    assert folder.parent == tmp_path / "cache" / "alpaca-kit" / "gguf" and (folder / "config.json").is_file()
+    assert config["base_model_file"] == str(gguf_file)
+    assert config["base_model_gguf"]["sha256"] == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    before, after = base_and_adapted_logits(str(folder), str(out))
+    assert (before - after).abs().max() > 1e-4
