@@ -218,7 +218,7 @@ class RequestBodyLimit:
 
     Gradio 6 has no limit of its own on request bodies (`max_file_size` covers uploads only), so a
     50 MB instruction was read, queued and tokenized. A declared Content-Length over the limit is
-    refused before the body is read; a body sent without one is counted as it arrives.
+    refused before the body is read; a chunked body is read up to the limit before the app sees it.
     """
 
     def __init__(self, app, max_bytes: int):
@@ -228,31 +228,38 @@ class RequestBodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
-        received = 0
-        started = False
-
-        async def counting_receive():
-            nonlocal received
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit():
+            # The server reads no more than the declared length, so checking it is enough.
+            if int(declared) > self.max_bytes:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)
+        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+            return await self.app(scope, receive, send)
+        # A chunked body has no declared length: read it here, up to the limit, then replay it.
+        # (Raising from inside `receive` does not work: the app's body parser swallows it as a 400.)
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send):
         body = json.dumps(
@@ -261,10 +268,6 @@ class RequestBodyLimit:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def check_port_free(server_name: str, server_port: int) -> None:

@@ -1,6 +1,8 @@
 """The real Gradio server on 127.0.0.1 with the tiny LLaMA and a trained tiny adapter, called through
 `gradio_client`, as a user's script would."""
 
+import http.client
+import json
 import os
 import socket
 import subprocess
@@ -18,7 +20,14 @@ gr = pytest.importorskip("gradio")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError, AuthenticationError  # noqa: E402
 
-from alpaca.demo import EXAMPLE_INSTRUCTIONS, build_demo, launch_demo, parse_auth  # noqa: E402
+from alpaca.demo import (  # noqa: E402
+    EXAMPLE_INSTRUCTIONS,
+    build_demo,
+    check_port_free,
+    launch_demo,
+    parse_auth,
+    request_body_limit,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 LIMITS = GenerationLimits(max_input_tokens=160, max_new_tokens=64)
@@ -69,7 +78,14 @@ def generators(tiny_llama, trained_adapter, tiny_llama_adapter):
 @pytest.fixture(scope="module")
 def server(generators):
     demo = build_demo(generators, DecodingSettings(), LIMITS)
-    launch_demo(demo, server_name="127.0.0.1", server_port=free_port(), concurrency_limit=4, block=False)
+    launch_demo(
+        demo,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        concurrency_limit=4,
+        block=False,
+        max_request_bytes=request_body_limit(LIMITS),
+    )
     try:
         yield demo
     finally:
@@ -110,6 +126,77 @@ def test_plain_reply_is_the_trained_answer_and_repeats(client):
     for instruction, input, answer in TRAINED_ANSWERS:
         assert client.predict(instruction, input, *GREEDY, api_name="/evaluate") == answer
     assert client.predict(TRAINED_ANSWERS[0][0], "", *GREEDY, api_name="/evaluate") == TRAINED_ANSWERS[0][2]
+
+
+def test_input_may_be_omitted(client):
+    instruction, _, answer = TRAINED_ANSWERS[0]
+    reply = client.predict(
+        instruction=instruction, temperature=0, num_beams=1, max_new_tokens=24, api_name="/evaluate"
+    )
+    assert reply == answer
+
+
+def post(server, body, chunked=False) -> tuple[int, bytes]:
+    """POST `body` to the queue endpoint, with a Content-Length or (chunked) without one."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=60)
+    try:
+        path = "/gradio_api/queue/join"
+        headers = {"Content-Type": "application/json"}
+        if chunked:
+            pieces = (body[i : i + 65536] for i in range(0, len(body), 65536))
+            connection.request("POST", path, body=pieces, headers=headers, encode_chunked=True)
+        else:
+            connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except (BrokenPipeError, ConnectionResetError):  # refused before the whole body was sent
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_oversized_request_bodies_are_refused_unread(server, client):
+    """Gradio has no body limit of its own: a 4 MB instruction was read, queued and tokenized."""
+    limit = request_body_limit(LIMITS)
+    body = b'{"data": ["' + b"word " * 800_000 + b'"], "fn_index": 0, "session_hash": "x"}'
+    assert len(body) > limit
+    for chunked in (False, True):
+        status, answer = post(server, body, chunked=chunked)
+        assert status == 413 and b"--max_input_tokens" in answer, (chunked, status, answer[:200])
+    # A chunked body under the limit reaches the app whole.
+    join = {"data": ["Hi", "", *GREEDY], "fn_index": 0, "session_hash": "chunked", "event_data": None}
+    status, answer = post(server, json.dumps(join).encode(), chunked=True)
+    assert status == 200 and b"event_id" in answer, answer[:200]
+    assert client.predict(*TRAINED_ANSWERS[0][:2], *GREEDY, api_name="/evaluate") == TRAINED_ANSWERS[0][2]
+
+
+def test_long_text_under_the_body_limit_is_refused_by_characters(client):
+    with pytest.raises(AppError, match=r"characters long, far over the limit of 160 tokens"):
+        client.predict("word " * 2000, "", *GREEDY, api_name="/evaluate")
+
+
+def test_a_port_in_use_is_named(server, generators):
+    port = server.server_port
+    with pytest.raises(
+        ValueError, match=rf"--server_port={port}: port {port} on 127.0.0.1 is already in use"
+    ):
+        check_port_free("127.0.0.1", port)
+    with pytest.raises(ValueError, match=rf"--server_port={port}: .*pick another with --server_port"):
+        launch_demo(build_demo(generators[:1], DecodingSettings(), LIMITS), server_port=port, block=False)
+    check_port_free("127.0.0.1", free_port())
+
+
+def test_analytics_are_off_unless_the_user_turns_them_on():
+    code = (
+        "import os; os.environ.pop('GRADIO_ANALYTICS_ENABLED', None); import alpaca.demo, gradio as gr; "
+        "print(os.environ['GRADIO_ANALYTICS_ENABLED'], gr.Blocks().analytics_enabled)"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "GRADIO_ANALYTICS_ENABLED"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["False", "False"]
 
 
 def test_streamed_reply_grows_to_the_answer(client):

@@ -411,6 +411,23 @@ def test_malformed_input_files_name_the_record(tmp_path, content, message):
         read_instructions(str(path))
 
 
+def test_input_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"instruction": "Caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"--input_file='.*latin1.json' is not UTF-8 text \(byte 21"):
+        read_instructions(str(path))
+
+
+def test_batch_config_records_the_model_and_stop_strings(main, tmp_path):
+    input_file = write_records(tmp_path / "in.json", RECORDS[:2])
+    run_batch(main, input_file, str(tmp_path / "out.json"), GREEDY)
+    config = json.loads((tmp_path / "out.config.json").read_text())
+    assert config["generator"] == main.name and " + " in main.name
+    assert config["base_model"] == config["base_model_folder"] == main.source["base_model"]
+    assert config["base_model_gguf"] is None and config["lora_weights"] == main.source["lora_weights"]
+    assert config["stop_strings"] == list(template_stop_strings(load_template("alpaca")))
+
+
 def test_batch_checks_every_prompt_before_generating(main, tmp_path, monkeypatch):
     records = [{"instruction": "fine"}, {"instruction": "long", "input": "word " * 2000}]
     input_file = write_records(tmp_path / "in.json", records)
@@ -450,6 +467,74 @@ def test_generate_py_batch_mode(tiny_llama, trained_adapter, tmp_path, monkeypat
     written = json.loads(output_file.read_text())
     assert [r["output"] for r in written] == [answer for _, _, answer in TRAINED_ANSWERS]
     assert {r["generator"] for r in written} == {Path(tiny_llama).name + " + trained-adapter"}
+
+
+def test_generate_py_checks_the_output_file_before_loading(tiny_llama, tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO))
+    import alpaca.generation
+    import generate
+
+    monkeypatch.setattr(alpaca.generation, "load_generators", lambda *a, **k: pytest.fail("loaded the model"))
+    input_file = write_records(tmp_path / "in.json", RECORDS[:2])
+    with pytest.raises(ValueError, match=r"--output_file='.*' is a folder; give a file name"):
+        generate.main(
+            base_model=tiny_llama, lora_weights="", input_file=input_file, output_file=str(tmp_path)
+        )
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        generate.main(
+            base_model=tiny_llama,
+            lora_weights="",
+            input_file=input_file,
+            output_file=str(tmp_path / "a-file" / "o.json"),
+        )
+    (tmp_path / "other.json").write_text(json.dumps([{"instruction": "else", "output": "x"}]))
+    with pytest.raises(ValueError, match="record 0 does not match"):
+        generate.main(
+            base_model=tiny_llama,
+            lora_weights="",
+            input_file=input_file,
+            output_file=str(tmp_path / "other.json"),
+        )
+
+
+def test_help_says_temperature_zero_with_beams_is_beam_search():
+    sys.path.insert(0, str(REPO))
+    import generate
+
+    help_text = " ".join(generate.main.__doc__.split())
+    assert "0 is deterministic: greedy with --num_beams=1, beam search with more beams" in help_text
+
+
+def test_generate_py_command_line_batch_is_quiet_and_names_the_generator(
+    tiny_llama, tiny_llama_adapter, tmp_path
+):
+    """The real command line with an adapter (so peft, and with it bitsandbytes, is imported): stderr
+    holds no bitsandbytes `kernels` warning and no traceback; `--stop=""` turns stopping off."""
+    input_file = write_records(tmp_path / "in.json", RECORDS[:2])
+    output_file = tmp_path / "out.json"
+    command = [
+        sys.executable,
+        "generate.py",
+        f"--base_model={tiny_llama}",
+        f"--lora_weights={tiny_llama_adapter}",
+        f"--input_file={input_file}",
+        f"--output_file={output_file}",
+        "--temperature=0",
+        "--num_beams=1",
+        "--max_new_tokens=8",
+        '--stop=""',
+    ]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "kernels" not in run.stderr and "Traceback" not in run.stderr
+    import peft  # noqa: F401
+
+    assert "bitsandbytes" in sys.modules  # peft imports it when installed: the warning was real here
+    written = json.loads(output_file.read_text())
+    adapter = Path(tiny_llama_adapter)  # a folder named "lora" says little: its parent's name is added
+    assert {r["generator"] for r in written} == {f"{Path(tiny_llama).name} + {adapter.parent.name}/lora"}
+    assert json.loads(output_file.with_suffix(".config.json").read_text())["stop_strings"] == []
 
 
 def test_generate_py_collects_flag_errors(monkeypatch):
