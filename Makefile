@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: $(VENV)/.installed
 	test -f $(TINY)/config.json || $(PY) -m alpaca.tiny --output_dir tiny-models --arch llama
 	$(PY) finetune.py --base_model=$(TINY) --data_path=data/alpaca_sample.json \
-		--output_dir=$(DEMO_DIR)/lora-alpaca --lora_target_modules=all-linear --lora_r=16 --lora_alpha=32 \
+		--output_dir=$(DEMO_DIR)/lora-alpaca --overwrite --lora_target_modules=all-linear --lora_r=16 --lora_alpha=32 \
 		--batch_size=16 --micro_batch_size=8 --num_epochs=12 --learning_rate=5e-3 --warmup_steps=10 \
 		--cutoff_len=256 --val_set_size=16 --eval_steps=30 --save_steps=30 --logging_steps=10
 	$(PY) generate.py --base_model=$(TINY) --lora_weights=$(DEMO_DIR)/lora-alpaca \
