@@ -87,11 +87,21 @@ def _weights_problems(folder: Path, use_lora: bool) -> list[str]:
     return [f"{shard} {problem}" for shard in shards if (problem := safetensors_problem(folder / shard))]
 
 
+def saved_world_size(folder: Path, fallback: int) -> int:
+    """How many ranks wrote the checkpoint (each writes its own RNG file): the world size in the
+    run_config.json beside it, else `fallback` (a run may resume on another number of ranks)."""
+    try:
+        return int(json.loads((folder.parent / "run_config.json").read_text(encoding="utf-8"))["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return fallback
+
+
 def checkpoint_problems(folder: str | Path, use_lora: bool, n_ranks: int = 1) -> list[str]:
     """Everything that keeps `folder` from being resumed, as 'FILE what' strings; empty when complete.
 
     Checks that each file the Trainer writes is present and readable (JSON parses, torch.save archives
-    and safetensors headers are whole) without unpickling anything.
+    and safetensors headers are whole) without unpickling anything. `n_ranks` is the world size to
+    expect RNG files for when the run_config.json beside the checkpoint does not say.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -114,6 +124,7 @@ def checkpoint_problems(folder: str | Path, use_lora: bool, n_ranks: int = 1) ->
         required.append("scheduler.pt")
         if not sharded_optimizer and not (folder / "optimizer.bin").is_file():
             required.append("optimizer.pt")
+    n_ranks = saved_world_size(folder, n_ranks)
     rng_files = ["rng_state.pth"] if n_ranks <= 1 else [f"rng_state_{rank}.pth" for rank in range(n_ranks)]
     required += rng_files
     optional = ["scaler.pt", "optimizer.bin"]

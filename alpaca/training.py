@@ -781,7 +781,9 @@ def prepare_output_dir(config: FinetuneConfig, plan: ResumePlan, identity: dict)
 
 def run_identity(config: FinetuneConfig, records: list, gguf_info: dict | None) -> dict:
     """The settings, data hash and model that define this run, as compared on resume."""
-    data_hash = hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    data_hash = hashlib.sha256(
+        json.dumps(records, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+    )
     local = Path(config.base_model).expanduser()
     identity = {key: value for key, value in config.to_dict().items()}
     identity["base_model_resolved"] = str(local.resolve()) if local.exists() else config.base_model

@@ -345,3 +345,17 @@ def test_complete_checkpoints_pass_and_none_complete_is_refused(finished, tiny_l
         ValueError, match="no complete checkpoint-N folder .*checkpoint-6: trainer_state.json missing"
     ):
         run_finetune_fast(tiny_llama, data, out, resume_from_checkpoint="latest", **SETTINGS)
+
+
+def test_rng_files_expected_for_the_ranks_that_saved(finished, tmp_path):
+    """A checkpoint saved by 2 ranks holds rng_state_0.pth and rng_state_1.pth (whatever the world
+    size on resume); the run_config.json beside it says how many ranks saved it."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    config = json.loads((out / "run_config.json").read_text())
+    (out / "run_config.json").write_text(json.dumps({**config, "world_size": 2}))
+    checkpoint = out / "checkpoint-6"
+    (checkpoint / "rng_state.pth").rename(checkpoint / "rng_state_0.pth")
+    assert checkpoint_problems(checkpoint, use_lora=True, n_ranks=1) == ["rng_state_1.pth missing"]
+    shutil.copy(checkpoint / "rng_state_0.pth", checkpoint / "rng_state_1.pth")
+    assert checkpoint_problems(checkpoint, use_lora=True, n_ranks=1) == []
