@@ -169,3 +169,91 @@ def test_script_imports_neither_training_nor_openai():
         assert flag.lstrip("-") in shown, flag
     source = (REPO / "alpaca" / "weights.py").read_text() + (REPO / "weight_diff.py").read_text()
     assert "openai" not in source.replace("OpenAI client", "") and "alpaca.training" not in source
+
+
+def snapshot(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+def test_a_failed_overwrite_keeps_the_previous_output(diff, tiny_llama, tiny_opt, tuned, tmp_path):
+    """recover with a tampered diff and make_diff against the wrong raw model, both with --overwrite:
+    errors, and the earlier good output is left exactly as it was (no temporary sibling either)."""
+    from safetensors.torch import load_file, save_file
+
+    recovered = tmp_path / "out" / "recovered"
+    recover(tiny_llama, str(diff[0]), str(recovered), test_inference=False)
+    before = snapshot(recovered)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(diff[0], tampered)
+    weights = load_file(tampered / "model.safetensors")
+    weights["model.norm.weight"][0] += 1.0
+    save_file(weights, tampered / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"recovered tensor model\.norm\.weight does not match"):
+        recover(tiny_llama, str(tampered), str(recovered), test_inference=False, overwrite=True)
+    assert snapshot(recovered) == before
+    assert [p.name for p in recovered.parent.iterdir()] == ["recovered"]
+
+    old_diff = tmp_path / "diffs" / "diff"
+    shutil.copytree(diff[0], old_diff)
+    before = snapshot(old_diff)
+    with pytest.raises(ValueError, match="hold different tensors"):
+        make_diff(tiny_opt, tuned, str(old_diff), overwrite=True)
+    assert snapshot(old_diff) == before
+    assert [p.name for p in old_diff.parent.iterdir()] == ["diff"]
+
+
+def test_damaged_diff_files_are_named(diff, tiny_llama, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(diff[0], damaged)
+    (damaged / INTEGRITY_FILE).write_text('{"format": "alpaca-kit weight diff integrity v1", "tensors": {')
+    with pytest.raises(ValueError, match=f"--path_diff: .*{INTEGRITY_FILE} is not valid JSON"):
+        recover(tiny_llama, str(damaged), test_inference=False)
+    (damaged / INTEGRITY_FILE).write_text('{"format": "alpaca-kit weight diff integrity v1", "tensors": [1]}')
+    with pytest.raises(ValueError, match="lacks a per-tensor 'sha256' table"):
+        recover(tiny_llama, str(damaged), test_inference=False)
+    shutil.copy(diff[0] / INTEGRITY_FILE, damaged / INTEGRITY_FILE)
+    weights = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[: len(weights) // 3])
+    with pytest.raises(ValueError, match=r"--path_diff=.*model\.safetensors is truncated"):
+        recover(tiny_llama, str(damaged), test_inference=False)
+
+
+def test_recover_keeps_the_hashes_and_verify_checks_them(diff, tiny_llama, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from alpaca.weights import verify
+
+    recovered = tmp_path / "recovered"
+    recover(tiny_llama, str(diff[0]), str(recovered), test_inference=False)
+    assert json.loads((recovered / INTEGRITY_FILE).read_text()) == diff[1]
+    assert verify(str(recovered)) == len(diff[1]["tensors"])
+    assert "verified: all" in capsys.readouterr().out
+    weights = load_file(recovered / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][1, 2] += 1e-4
+    save_file(weights, recovered / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"tensor model\.layers\.0\.mlp\.down_proj\.weight of .* does not match"
+    ):
+        verify(str(recovered))
+    (recovered / INTEGRITY_FILE).unlink()
+    with pytest.raises(ValueError, match="--integrity_file"):
+        verify(str(recovered))
+    with pytest.raises(ValueError, match=r"down_proj\.weight of .* does not match"):
+        verify(str(recovered), integrity_file=str(diff[0] / INTEGRITY_FILE))
+
+
+def test_smoke_test_prompt_is_the_training_template(diff, tiny_llama, capsys):
+    """Upstream asked with '\\r\\n' line breaks, which training never used: the prompt is the template's."""
+    from alpaca.prompter import Prompter
+    from alpaca.weights import TEST_INSTRUCTION
+
+    recover(tiny_llama, str(diff[0]), test_inference=True, check_integrity_naively=False)
+    printed = capsys.readouterr().out
+    expected = Prompter("alpaca_legacy").generate_prompt(TEST_INSTRUCTION)
+    assert f"Input: {expected}\nOutput: " in printed and "\r" not in printed
+    recover(
+        tiny_llama, str(diff[0]), test_inference=True, check_integrity_naively=False, prompt_template="alpaca"
+    )
+    assert (
+        f"Input: {Prompter('alpaca').generate_prompt(TEST_INSTRUCTION)}\nOutput: " in capsys.readouterr().out
+    )
