@@ -6,18 +6,24 @@ so tests can call it on a tiny model.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
 import math
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alpaca.checkpoints import (
+    is_main_process,
+    load_adapter_weights,
+    log,
+    plan_resume,
+    prepare_output_dir,
+    run_identity,
+)
 from alpaca.files import write_json_atomic
 from alpaca.modeling import check_model_path
 
@@ -61,18 +67,8 @@ ALIASES = {
 }
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def log(message: str) -> None:
-    """Print on rank 0 only, so torchrun runs don't repeat every line."""
-    if is_main_process():
-        print(message, flush=True)
 
 
 @dataclass
@@ -633,165 +629,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-# ---------------------------------------------------------------- resume and output folder
-
-
-@dataclass
-class ResumePlan:
-    """Where a run starts: a complete Trainer checkpoint (full state), adapter weights only, or fresh."""
-
-    checkpoint: str | None = None
-    adapter_weights: str | None = None
-    stale: list = field(default_factory=list)  # incomplete checkpoint-N folders newer than `checkpoint`
-
-
-def plan_resume(config: FinetuneConfig) -> ResumePlan:
-    """Check `--resume_from_checkpoint` before any model loads.
-
-    `latest` takes the newest complete `checkpoint-N` in output_dir and says which newer ones it skipped
-    and why; an explicit checkpoint folder must be complete; any other folder is a final adapter
-    (weights only). A `checkpoint-N` folder is never taken for a final adapter.
-    """
-    from alpaca.checkpoints import checkpoint_problems, checkpoint_step, latest_complete_checkpoint
-
-    target = config.resume_from_checkpoint
-    if not target:
-        return ResumePlan()
-    flag = f"--resume_from_checkpoint={target}"
-    if str(target).lower() in ("true", "latest"):
-        chosen, skipped = latest_complete_checkpoint(config.output_dir, config.use_lora, config.world_size)
-        for folder, problems in skipped:
-            log(f"skipping {folder}: incomplete ({'; '.join(problems)})")
-        if chosen is None:
-            found = "; ".join(f"{f.name}: {', '.join(p)}" for f, p in skipped) or "none found"
-            raise ValueError(
-                f"{flag}: no complete checkpoint-N folder in {config.output_dir!r} ({found}); "
-                "start again with --overwrite"
-            )
-        return ResumePlan(checkpoint=str(chosen), stale=[str(folder) for folder, _ in skipped])
-    path = Path(target).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"{flag}: no such folder")
-    if checkpoint_step(path) is not None or (path / "trainer_state.json").exists():
-        problems = checkpoint_problems(path, config.use_lora, config.world_size)
-        if problems:
-            raise ValueError(
-                f"{flag} is an incomplete Trainer checkpoint (a run killed while saving it?): "
-                + "; ".join(problems)
-                + ". Resume from an earlier checkpoint, or use --resume_from_checkpoint=latest"
-            )
-        return ResumePlan(checkpoint=str(path))
-    weights = next(
-        (path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / n).is_file()), None
-    )
-    if weights is None or not config.use_lora:
-        raise ValueError(
-            f"{flag} holds neither a Trainer checkpoint (trainer_state.json) "
-            "nor LoRA adapter weights (adapter_model.safetensors / adapter_model.bin)"
-        )
-    from alpaca.files import safetensors_problem, torch_file_problem
-
-    problem = (safetensors_problem if weights.suffix == ".safetensors" else torch_file_problem)(weights)
-    if problem:
-        raise ValueError(f"{flag}: adapter weights {weights} are {problem}")
-    return ResumePlan(adapter_weights=str(weights))
-
-
-def load_adapter_weights(model, weights: str, flag: str) -> None:
-    """Load a final adapter's weights into the LoRA model (the schedule then restarts at step 0)."""
-    import torch
-    from peft import set_peft_model_state_dict
-
-    if weights.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(weights)
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    result = set_peft_model_state_dict(model, state)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
-    if unexpected:
-        raise ValueError(f"{flag}: adapter does not fit this model ({unexpected[:3]})")
-    log(
-        f"loaded adapter weights from {weights}; this is not a Trainer checkpoint, so the schedule restarts at step 0"
-    )
-
-
-def prepare_output_dir(config: FinetuneConfig, plan: ResumePlan, identity: dict) -> None:
-    """Make sure the output folder holds this run only, before the model loads.
-
-    A non-empty folder is refused unless `--overwrite` (it is then cleared) or the run resumes from a
-    checkpoint inside it, whose run_config.json must describe the same run (same data, model and
-    run-defining settings). Rank 0 alone clears and deletes; under torchrun a refused rank 0 stops
-    the other ranks.
-    """
-    from alpaca.checkpoints import run_differences
-    from alpaca.modeling import prepare_output_path
-
-    out = Path(config.output_dir).expanduser()
-    if plan.checkpoint:
-        previous_path = Path(plan.checkpoint).parent / "run_config.json"
-        if previous_path.is_file():
-            try:
-                previous = json.loads(previous_path.read_text(encoding="utf-8"))
-            except ValueError as err:
-                raise ValueError(
-                    f"{previous_path} is not valid JSON ({err}); cannot tell which run it was"
-                ) from err
-            changed = run_differences(previous, identity)
-            if changed:
-                raise ValueError(
-                    f"--resume_from_checkpoint={config.resume_from_checkpoint}: {plan.checkpoint} belongs to another "
-                    f"run ({previous_path} differs: {'; '.join(changed)}); resume with the same settings, or start "
-                    "a new run in a new --output_dir (or --overwrite)"
-                )
-        else:
-            log(f"warning: {previous_path} is missing, so the checkpoint cannot be checked against this run")
-    if not is_main_process():
-        return
-    inside = plan.checkpoint and out.resolve() in Path(plan.checkpoint).resolve().parents
-    if out.is_dir() and any(out.iterdir()) and not inside:
-        if not config.overwrite:
-            listing = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-            raise ValueError(
-                f"--output_dir={config.output_dir!r} already holds another run's files ({listing}, ...); pass "
-                "--overwrite to clear it, --resume_from_checkpoint=latest to continue the run in it, or choose "
-                "a new folder"
-            )
-        # refuses the working folder, home and the run's inputs
-        prepare_output_path(
-            str(out),
-            True,
-            "--output_dir",
-            (config.base_model, config.data_path, config.resume_from_checkpoint),
-        )
-        # rename first, so a kill while deleting never leaves a half-deleted run under the real name
-        doomed = out.with_name(f".{out.name}.overwritten-{os.getpid()}")
-        os.replace(out, doomed)
-        shutil.rmtree(doomed)
-        log(f"--overwrite: cleared {out}")
-    for stale in plan.stale:
-        # the resumed run writes these steps again; a half-written folder left beside them would
-        # confuse the Trainer's checkpoint rotation
-        shutil.rmtree(stale, ignore_errors=True)
-        log(f"removed the incomplete {stale}")
-
-
-def run_identity(config: FinetuneConfig, records: list, gguf_info: dict | None) -> dict:
-    """The settings, data hash and model that define this run, as compared on resume."""
-    data_hash = hashlib.sha256(
-        json.dumps(records, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
-    )
-    local = Path(config.base_model).expanduser()
-    identity = {key: value for key, value in config.to_dict().items()}
-    identity["base_model_resolved"] = str(local.resolve()) if local.exists() else config.base_model
-    identity["data_sha256"] = data_hash.hexdigest()
-    if gguf_info:
-        identity["base_model_sha256"] = gguf_info.get("sha256")
-        identity["base_model_resolved"] = f"gguf:{gguf_info.get('sha256')}"
-    return identity
 
 
 # ---------------------------------------------------------------- trainer
