@@ -216,23 +216,26 @@ def test_kill_9_at_every_write_of_a_checkpoint_save_then_latest(tiny_llama, data
         assert_same_adapter(out, reference_out)
         outcomes[events[index]] = outcome
     assert len(outcomes) == len(targets)
+    print(f"{len(targets)} aimed kills, each resumed to the reference adapter: {sorted(outcomes)}")
 
 
 def test_kill_9_at_random_moments_then_latest(tiny_llama, data, reference, tmp_path):
-    """Kills without any hook: the child is killed when a checkpoint folder appears (often empty or
-    half-written), or after a delay; `latest` then resumes to the same adapter or refuses clearly."""
+    """Kills without any hook, the moment a file appears: the exact point inside the save is left to
+    chance (often an empty or half-written folder). `latest` then resumes to the same adapter or, when
+    no checkpoint was complete yet, refuses clearly."""
     reference_out, _ = reference
-    moments = ["checkpoint-2", "checkpoint-4/optimizer.pt", "checkpoint-6", 1.2]
+    moments = [
+        "checkpoint-2",
+        "checkpoint-4/optimizer.pt",
+        "checkpoint-6",
+        "checkpoint-6/trainer_state.json",
+        "adapter_config.json",  # the final save
+    ]
     resumed = refused = 0
     for n, moment in enumerate(moments):
         out = tmp_path / f"random{n}"
         pid = killed_child(tiny_llama, data, out)
-        if isinstance(moment, str):
-            killed = kill_when(pid, (out / moment).exists)
-        else:
-            deadline = time.monotonic() + moment
-            killed = kill_when(pid, lambda deadline=deadline: time.monotonic() > deadline)
-        assert killed, moment
+        assert kill_when(pid, (out / moment).exists), moment
         outcome = resume_latest(tiny_llama, data, out)
         if outcome == "ok":
             assert_same_adapter(out, reference_out)
@@ -241,8 +244,8 @@ def test_kill_9_at_random_moments_then_latest(tiny_llama, data, reference, tmp_p
             assert "no complete checkpoint-N folder" in outcome and "--overwrite" in outcome, outcome
             assert latest_complete_checkpoint(out, use_lora=True)[0] is None
             refused += 1
-    print(f"random kills: {resumed} resumed to the reference adapter, {refused} refused")
-    assert resumed >= 2, (resumed, refused)
+    print(f"kills when a file appeared: {resumed} resumed to the reference adapter, {refused} refused")
+    assert resumed >= 3, (resumed, refused)
 
 
 def test_kill_9_of_the_command_line_while_it_saves(tiny_llama, data, reference, tmp_path):
