@@ -9,6 +9,7 @@ import os
 import random
 import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from alpaca.selfinstruct.prompts import STOP_SEQUENCES, chat_messages
@@ -139,6 +140,8 @@ class CompletionClient:
         max_tokens: requested length before any "prompt too long" shrinking.
         request_timeout: seconds before a request is abandoned and retried.
         retry: the retry policy.
+        stop: stop sequences sent with every request (default: self-instruct's; empty sends none).
+        messages: turns a prompt into chat messages for ``api="chat"`` (default: self-instruct's).
     """
 
     def __init__(
@@ -152,6 +155,8 @@ class CompletionClient:
         max_tokens: int,
         request_timeout: float,
         retry: RetryPolicy,
+        stop: Sequence[str] = STOP_SEQUENCES,
+        messages: Callable[[str], list[dict]] = chat_messages,
     ):
         import openai
 
@@ -163,6 +168,8 @@ class CompletionClient:
         self.max_tokens = max_tokens
         self.request_timeout = request_timeout
         self.retry = retry
+        self.stop = tuple(stop)
+        self.messages = messages
         self._jitter = random.Random()
         # OPENAI_ORG is what upstream read; OPENAI_ORG_ID is the current client's own name for it.
         organization = os.environ.get("OPENAI_ORG") or os.environ.get("OPENAI_ORG_ID")
@@ -186,13 +193,14 @@ class CompletionClient:
             temperature=self.temperature,
             top_p=self.top_p,
             n=1,
-            stop=list(STOP_SEQUENCES),
         )
+        if self.stop:
+            settings["stop"] = list(self.stop)
         if request_seed is not None:
             settings["seed"] = request_seed
         if self.api == "chat":
             call = self._client.chat.completions.with_raw_response.create(
-                messages=chat_messages(prompt), **settings
+                messages=self.messages(prompt), **settings
             )
         else:
             call = self._client.completions.with_raw_response.create(prompt=prompt, **settings)

@@ -1,0 +1,119 @@
+"""The judging journal: one appended, fsynced line per judged request, so a killed run resumes.
+
+Each judgment is keyed by a hash of what was asked (endpoint, judge model, max_tokens, temperature
+and the full prompt), so a rerun in the same folder sends only the requests whose judgment is not in
+the journal yet, whatever changed in between (new pairs, another judge model). Only a kill mid-append
+can damage a line, and only the last one: that line is set aside into a ``.torn-TIME`` file and its
+request is judged again. A damaged line anywhere else stops the run, naming the line; nothing is
+deleted, since every line after it is a paid-for judgment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+JOURNAL_NAME = "judge_journal.jsonl"
+JOURNAL_VERSION = 1
+_JUDGMENT_FIELDS = {"request_sha256": str, "text": str, "prompt_tokens": int, "completion_tokens": int}
+
+
+def request_hash(api: str, judge_model: str, max_tokens: int, temperature: float, prompt: str) -> str:
+    """What a stored judgment answered; a different value for any of these is a different request."""
+    key = json.dumps([api, judge_model, max_tokens, temperature, prompt], ensure_ascii=False)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _problem(line: bytes) -> tuple[dict | None, str]:
+    """The entry on `line` and "", or None and what is wrong with it."""
+    try:
+        entry = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return None, f"not valid UTF-8 (byte {error.start + 1})"
+    except (ValueError, RecursionError) as error:
+        return None, f"not valid JSON ({getattr(error, 'msg', error)})"
+    if not isinstance(entry, dict) or entry.get("kind") not in ("header", "judgment"):
+        return None, "not a journal entry (no known 'kind')"
+    if entry["kind"] == "judgment":
+        for name, kind in _JUDGMENT_FIELDS.items():
+            if not isinstance(entry.get(name), kind) or isinstance(entry.get(name), bool):
+                return None, f"a judgment without a valid {name!r}"
+    return entry, ""
+
+
+class JudgeJournal:
+    """The append-only journal of one output folder.
+
+    Args:
+        output_dir: the run's folder (holds the journal, annotations.json and results.json).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = Path(output_dir) / JOURNAL_NAME
+        self._handle = None
+
+    def load(self) -> dict[str, dict]:
+        """Every judgment in the journal, by request hash (empty when there is no journal)."""
+        if not self.path.exists():
+            return {}
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        judgments, offset = {}, 0
+        last = max((index for index, line in enumerate(lines) if line.strip()), default=-1)
+        for index, line in enumerate(lines):
+            if line.strip():
+                entry, problem = _problem(line)
+                # A whole last entry whose newline was not written yet is complete; anything else
+                # damaged on the last line is a kill's torn write.
+                if problem and index == last:
+                    self._set_aside(offset, data[offset:], problem)
+                    break
+                if problem:
+                    raise ValueError(
+                        f"{self.path} line {index + 1}: {problem}. Nothing was changed: the lines after it "
+                        "hold paid-for judgments. Repair or delete that line (losing only that judgment) "
+                        "and rerun."
+                    )
+                if entry["kind"] == "judgment":
+                    judgments[entry["request_sha256"]] = entry
+            offset += len(line) + 1
+        if data and not data.endswith(b"\n") and offset >= len(data):
+            with self.path.open("ab") as handle:
+                handle.write(b"\n")
+        return judgments
+
+    def _set_aside(self, offset: int, tail: bytes, problem: str) -> None:
+        """Copy the torn last line to a side file, then cut it off so that appends stay whole lines."""
+        backup = self.path.with_name(f"{self.path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        backup.write_bytes(tail)
+        with self.path.open("r+b") as handle:
+            handle.truncate(offset)
+            os.fsync(handle.fileno())
+        print(
+            f"warning: {self.path}: the last line was torn ({problem}), as a kill mid-write leaves it; "
+            f"its {len(tail)} bytes were moved to {backup} and that request will be judged again.",
+            file=sys.stderr,
+        )
+
+    def open(self) -> None:
+        """Open for appending; a new (or emptied) journal starts with a header line."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        is_new = not self.path.exists() or self.path.stat().st_size == 0
+        self._handle = self.path.open("ab")
+        if is_new:
+            self.append({"kind": "header", "version": JOURNAL_VERSION})
+
+    def append(self, entry: dict) -> None:
+        # One write of one complete line, then fsync: a kill leaves at most a torn last line.
+        self._handle.write(json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
