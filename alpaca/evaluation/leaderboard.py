@@ -93,7 +93,8 @@ def bar_chart(rows: list[dict], path: Path) -> None:
     rates = [row["win_rate"] or 0.0 for row in rows]
     errors = [row["standard_error"] or 0.0 for row in rows]
     figure, axes = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 4))
-    axes.bar(range(len(rows)), rates, yerr=errors, capsize=4, color="#4C72B0")
+    bars = axes.bar(range(len(rows)), rates, yerr=errors, capsize=4, color="#4C72B0")
+    axes.bar_label(bars, labels=[f"{rate:.1f}" for rate in rates], label_type="center", color="white")
     axes.axhline(50, color="gray", linestyle="--", linewidth=1)
     axes.set_xticks(range(len(rows)), labels, rotation=20, ha="right")
     axes.set_ylim(0, 100)
