@@ -397,6 +397,16 @@ def test_user_mistakes_name_the_flag(tmp_path):
                 max_cost_usd=1,
             )
         )
+    with pytest.raises(
+        ValueError, match="--judge_model must be text, not 4 .*--max_tokens must be a whole number"
+    ):
+        run_pairwise(
+            PairwiseConfig(
+                model_outputs=good, reference_outputs=good, output_dir="o", judge_model=4, max_tokens="x"
+            )
+        )
+    with pytest.raises(ValueError, match="good.json is a file, not a folder"):
+        run_pairwise(PairwiseConfig(model_outputs=good, reference_outputs=good, output_dir=f"{good}/out"))
     result = subprocess.run(
         [sys.executable, "evaluate.py", "pairwise", f"--model_outputs={good}", f"--reference_outputs={good}"],
         cwd=REPO,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,16 +66,41 @@ class PairwiseConfig:
     completion_price_per_1m: float | None = None
     progress: bool = True
 
+    def type_problems(self) -> list[str]:
+        """Flags of the wrong type: fire reads `--judge_model=4` as a number and `--max_tokens=abc` as text."""
+        wanted = {bool: "True or False", int: "a whole number", float: "a number", str: "text"}
+        problems = []
+        for name, hint in typing.get_type_hints(type(self)).items():
+            value, kinds = getattr(self, name), typing.get_args(hint) or (hint,)
+            optional = type(None) in kinds
+            base = next(kind for kind in kinds if kind is not type(None))
+            if value is None and optional:
+                continue
+            numeric = base is float and isinstance(value, (int, float))
+            if isinstance(value, bool) != (base is bool) or not (numeric or isinstance(value, base)):
+                problem = (
+                    f"--{name} must be {wanted[base]}{' (or left out)' if optional else ''}, not {value!r}"
+                )
+                if base is str and isinstance(value, (int, float)):
+                    problem += f" (write --{name}='\"{value}\"' for a name that looks like a number)"
+                problems.append(problem)
+        return problems
+
     def problems(self) -> list[str]:
         """Every invalid setting, each naming its flag and what is allowed."""
+        wrong_types = self.type_problems()
+        if wrong_types:
+            return wrong_types
+        folder = Path(self.output_dir).expanduser()
+        existing = next((part for part in (folder, *folder.parents) if part.exists()), None)
         checks = [
             (
                 bool(self.output_dir),
                 "--output_dir is required: the folder for annotations.json and results.json",
             ),
             (
-                not Path(self.output_dir or ".").is_file(),
-                f"--output_dir={self.output_dir!r} is a file, not a folder",
+                existing is None or existing.is_dir(),
+                f"--output_dir={self.output_dir!r}: {existing} is a file, not a folder",
             ),
             (self.api in ("chat", "completions"), f"--api must be 'chat' or 'completions', not {self.api!r}"),
             (bool(self.judge_model), "--judge_model must name a model"),
