@@ -864,8 +864,15 @@ def save_outputs(trainer, tokenizer, config: FinetuneConfig) -> None:
 
 
 def count_trainable(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameters. A bitsandbytes 4-bit weight is a packed tensor holding two values
+    per byte: count the unpacked size its `quant_state` records (SmolLM2: 134.5M, not 81.9M)."""
+
+    def size(param) -> int:
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)
+        return math.prod(shape) if shape is not None else param.numel()
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     return trainable, total
 
 

@@ -546,3 +546,14 @@ def test_generate_py_collects_flag_errors(monkeypatch):
         generate.main(input_file="in.json", batch_size=0, load_8bit=True, load_4bit=True)
     for part in ("--base_model is required", "--output_file", "--batch_size", "exclusive"):
         assert part in str(err.value)
+
+
+def test_a_4bit_model_counts_its_unpacked_parameters(tiny_llama):
+    """bitsandbytes packs two 4-bit values per byte; the count reported must be the model's own."""
+    from alpaca.training import count_trainable
+
+    (plain,) = load_generators(tiny_llama, lora_weights="")
+    (packed,) = load_generators(tiny_llama, lora_weights="", load_4bit=True)
+    assert type(packed.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert sum(p.numel() for p in packed.model.parameters()) < count_trainable(plain.model)[1]
+    assert count_trainable(packed.model)[1] == count_trainable(plain.model)[1]
