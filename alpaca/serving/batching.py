@@ -1,8 +1,8 @@
 """Requests in flight share forward passes: a scheduler thread runs queued rows in one padded batch.
 
 Every request becomes rows (`Row`: one per prompt and choice). The scheduler takes up to
-`max_batch_size` queued rows, waiting at most `max_wait_ms` for more once the first arrives, and runs
-them in one left-padded `model.generate` call. Rows may differ in every decoding setting, because
+`max_batch_size` queued rows, waiting at most `max_wait_ms` for more when more are expected (the
+clients of the batch that just ended), and runs them in one left-padded `model.generate` call. Rows may differ in every decoding setting, because
 `generate` itself runs greedy and two hooks do the per-row work:
 
 - `_RowSampler` (a logits processor) samples each sampling row with its own temperature, top-p, top-k
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 # Prompt tokens decoded in front of the generated ones, so that a reply's first characters (a
 # sentencepiece word's leading space) decode as they do after the whole prompt.
 CONTEXT_TOKENS = 8
+# Seconds after a batch during which its clients are expected back (see `_expected_rows`).
+RECENT_S = 1.0
 
 
 class QueueFull(RuntimeError):
@@ -162,10 +164,20 @@ class Row:
             return full[len(self._context_text) :]
         return tokenizer.decode(self.token_ids, skip_special_tokens=True)
 
+    def _tail_has_stop(self, tokenizer) -> bool:
+        """Whether the newest tokens hold a stop string: every token decodes to at least one byte, so
+        (longest stop string in bytes + 2) tokens hold any stop string that the newest one completed.
+        Cheaper than decoding the whole reply at every step."""
+        if not self.settings.stop:
+            return False
+        window = max(len(stop.encode("utf-8")) for stop in self.settings.stop) + 2
+        tail = tokenizer.decode(self.token_ids[-window:], skip_special_tokens=True)
+        return any(stop in tail for stop in self.settings.stop)
+
     def _update_text(self, tokenizer, final: bool) -> bool:
         """Decode the reply so far, send its new part to a streaming client; True if a stop string
-        ended it. Rows that neither stream nor have stop strings are decoded once, at the end."""
-        if not final and not (self.job.stream or self.settings.stop):
+        ended it. Rows that do not stream are decoded in full only at the end or at a stop string."""
+        if not final and not self.job.stream and not self._tail_has_stop(tokenizer):
             return False
         shown, stopped = visible_text(self._decode(tokenizer), self.settings.stop, self.settings.strip, final)
         if not self.job.stream:
@@ -329,7 +341,7 @@ class BatchScheduler:
         generator: the model, tokenizer and lock (shared with any other user of the model).
         max_batch_size: the most rows generated together.
         max_queue_size: the most rows waiting; `submit` raises `QueueFull` beyond it.
-        max_wait_ms: once a row is waiting, how long to wait for more before starting a batch.
+        max_wait_ms: the longest a waiting row may be held back for others expected to join its batch.
     """
 
     def __init__(
@@ -337,7 +349,7 @@ class BatchScheduler:
         generator: ResponseGenerator,
         max_batch_size: int = 8,
         max_queue_size: int = 64,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 20.0,
     ):
         self.generator = generator
         self.tokenizer = generator.tokenizer
@@ -349,6 +361,7 @@ class BatchScheduler:
         self._pending: deque[Row] = deque()
         self._condition = threading.Condition()
         self._closing = False
+        self._last_rows, self._carried_rows, self._last_end = 0, 0, 0.0
         self._thread = threading.Thread(target=self._loop, name="api-batcher", daemon=True)
         self._thread.start()
 
@@ -374,8 +387,9 @@ class BatchScheduler:
         with self._condition:
             while not self._pending and not self._closing:
                 self._condition.wait()
+            target = min(self.max_batch_size, self._expected_rows())
             deadline = time.monotonic() + self.max_wait_s
-            while len(self._pending) < self.max_batch_size and not self._closing:
+            while len(self._pending) < target and not self._closing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -390,6 +404,17 @@ class BatchScheduler:
                     batch.append(row)
             self.stats.queued_rows = len(self._pending)
             return batch
+
+    def _expected_rows(self) -> int:
+        """How many rows to wait for (at most `max_wait_ms`) before starting a batch.
+
+        Clients whose replies just came back tend to send their next request at once, so right after
+        a batch, expect its rows again plus those that were already waiting when it ended. A lone
+        client then never waits, and eight clients do not settle into alternating half batches.
+        """
+        if time.monotonic() - self._last_end > RECENT_S:
+            return 1
+        return self._last_rows + self._carried_rows
 
     def _loop(self) -> None:
         while not self._closing:
@@ -417,6 +442,9 @@ class BatchScheduler:
             for row in rows:
                 row.finish("length", self.tokenizer)
             self.stats.active_rows = 0
+            with self._condition:
+                self._last_rows, self._carried_rows = len(rows), len(self._pending)
+                self._last_end = time.monotonic()
 
     def _generate(self, rows: list[Row]) -> None:
         import torch

@@ -107,7 +107,7 @@ def launch_api(
     default_max_tokens: int = 128,
     max_batch_size: int = 8,
     max_queue_size: int = 64,
-    max_wait_ms: float = 5.0,
+    max_wait_ms: float = 20.0,
     **server_kwargs,
 ) -> ApiServer:
     """Serve `generator` on `server` (or a new `ApiServer(**server_kwargs)`); returns it, serving."""
