@@ -177,6 +177,8 @@ def test_pairwise_both_orders_ties_unparseable_and_mismatches(tmp_path):
     }
     assert annotations[3]["preferred_by_order"] == {"reference_first": None, "model_first": "model"}
     assert annotations[5]["failures"]["reference_first"] == "malformed JSON"
+    assert annotations[2]["verdict_by_order"] == {"reference_first": "a", "model_first": "a"}
+    assert results["output_a_share"] == pytest.approx(70.0)  # 7 of the 10 readable verdicts
     counts = {
         key: results[key] for key in ("n_wins", "n_losses", "n_ties", "n_unparseable", "n_pairs", "n_pending")
     }

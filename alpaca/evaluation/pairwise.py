@@ -267,7 +267,8 @@ def build_annotations(
         entries = by_pair[index]
         complete = all(entries[order] is not None for order in ORDERS)
         texts = {order: entries[order]["text"] if entries[order] else None for order in ORDERS}
-        sides = {order: preferred_side(order, parse_verdict(texts[order])) for order in ORDERS}
+        verdicts = {order: parse_verdict(texts[order]) for order in ORDERS}
+        sides = {order: preferred_side(order, verdicts[order]) for order in ORDERS}
         annotations.append(
             {
                 "instruction": pair.instruction,
@@ -281,6 +282,7 @@ def build_annotations(
                 if complete
                 else None,
                 "judged": complete,
+                "verdict_by_order": verdicts,
                 "preferred_by_order": sides,
                 "raw_completion": texts,
                 "failures": {order: (entries[order] or {}).get("failure") for order in ORDERS},
@@ -294,6 +296,7 @@ def build_results(
 ) -> dict:
     """results.json: the numbers of the judged pairs, the unmatched records and the cost."""
     judged = [record for record in annotations if record["judged"]]
+    letters = [v for record in judged for v in record["verdict_by_order"].values() if v is not None]
     summary = summarize(
         [record["preference"] for record in judged],
         [len(record["output_2"]) for record in judged],
@@ -305,6 +308,9 @@ def build_results(
         "reference": first.reference_generator,
         "judge_model": config.judge_model,
         **summary,
+        # An unbiased judge names Output (a) about half the time; a judge that always names the same
+        # position turns every pair into a tie.
+        "output_a_share": 100.0 * letters.count("a") / len(letters) if letters else None,
         "n_pairs": len(annotations),
         "n_pending": len(annotations) - len(judged),
         "complete": len(judged) == len(annotations),
@@ -391,12 +397,14 @@ def describe_results(results: dict, seconds: float) -> str:
     """A few lines for the terminal."""
     rate, error = results["win_rate"], results["standard_error"]
     headline = "n/a" if rate is None else f"{rate:.1f}%" + ("" if error is None else f" ± {error:.1f}")
-    cost = results["cost"]["usd"]
+    cost, share = results["cost"]["usd"], results["output_a_share"]
     lines = [
         f"win rate of {results['model']} against {results['reference']} (judge {results['judge_model']}): "
         f"{headline}",
         f"  {results['n_wins']} wins, {results['n_losses']} losses, {results['n_ties']} ties, "
         f"{results['n_unparseable']} unparseable, {results['n_pending']} not judged yet, of {results['n_pairs']} pairs",
+        f"  the judge named Output (a) in {'n/a' if share is None else format(share, '.0f') + '%'} of its readable "
+        "verdicts (50% for a judge without position bias; each pair is judged in both orders to cancel it)",
         "  by length (model / reference): "
         + ", ".join(
             f"{b['bin']} {'n/a' if b['win_rate'] is None else format(b['win_rate'], '.1f') + '%'} (n={b['n_judged']})"
