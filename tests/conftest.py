@@ -119,3 +119,22 @@ def smollm2_adapter(smollm2, tmp_path_factory):
         smollm2, data, out, learning_rate=2e-3, max_steps=4, batch_size=4, micro_batch_size=4, cutoff_len=96
     )
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def finetune_fast():
+    """`run_finetune_fast(base, data, out, **overrides)` as a fixture (finetune.py's entry function with
+    settings fast enough for a tiny model)."""
+    return run_finetune_fast
+
+
+@pytest.fixture(scope="session")
+def sample_subset():
+    """`write_sample_subset(path, count)` as a fixture: the first short records of the sample data."""
+    return write_sample_subset
+
+
+@pytest.fixture(scope="session")
+def loss_log():
+    """`logged_losses(out)` as a fixture: (step, training loss) pairs from a run's loss_history.json."""
+    return logged_losses

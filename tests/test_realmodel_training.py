@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged_losses, run_finetune_fast, write_sample_subset
 
 pytestmark = pytest.mark.realmodel
 
@@ -17,12 +16,11 @@ FAST = dict(batch_size=4, micro_batch_size=4, cutoff_len=80, max_steps=3, lora_d
 
 
 @pytest.fixture(scope="module")
-def four_examples(tmp_path_factory):
-    return write_sample_subset(tmp_path_factory.mktemp("real-data") / "d.json", 4)
+def four_examples(tmp_path_factory, sample_subset):
+    return sample_subset(tmp_path_factory.mktemp("real-data") / "d.json", 4)
 
 
-def assert_loss_falls(out):
-    losses = [loss for _, loss in logged_losses(out)]
+def assert_loss_falls(losses):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses), losses
     assert losses[-1] < losses[0], losses
 
@@ -35,12 +33,12 @@ def logits(model, text="### Instruction:\nName a color.\n\n### Response:\n", tok
         return model(**tokenizer(text, return_tensors="pt")).logits
 
 
-def test_full_finetune_real_model(smollm2, four_examples, tmp_path):
+def test_full_finetune_real_model(smollm2, four_examples, finetune_fast, loss_log, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "full"
-    run_finetune_fast(smollm2, four_examples, out, use_lora=False, learning_rate=5e-5, **FAST)
-    assert_loss_falls(out)
+    finetune_fast(smollm2, four_examples, out, use_lora=False, learning_rate=5e-5, **FAST)
+    assert_loss_falls([loss for _, loss in loss_log(out)])
     tuned = AutoModelForCausalLM.from_pretrained(str(out))
     base = AutoModelForCausalLM.from_pretrained(smollm2)
     after, before = logits(tuned, tokenizer_dir=str(out)), logits(base, tokenizer_dir=smollm2)
@@ -50,14 +48,14 @@ def test_full_finetune_real_model(smollm2, four_examples, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["packing", "4bit"])
-def test_lora_modes_real_model(mode, smollm2, four_examples, tmp_path):
+def test_lora_modes_real_model(mode, smollm2, four_examples, finetune_fast, loss_log, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / mode
     flags = {"packing": True} if mode == "packing" else {"load_in_4bit": True}
-    run_finetune_fast(smollm2, four_examples, out, learning_rate=2e-3, **FAST, **flags)
-    assert_loss_falls(out)
+    finetune_fast(smollm2, four_examples, out, learning_rate=2e-3, **FAST, **flags)
+    assert_loss_falls([loss for _, loss in loss_log(out)])
     config = json.loads((out / "run_config.json").read_text())
     assert config["packing"] is (mode == "packing") and config["load_in_4bit"] is (mode == "4bit")
     base = AutoModelForCausalLM.from_pretrained(smollm2)

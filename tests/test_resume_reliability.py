@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_finetune_fast, write_sample_subset
 from safetensors.torch import load_file
 
 from alpaca.checkpoints import checkpoint_problems, latest_complete_checkpoint
@@ -24,12 +23,22 @@ SETTINGS = dict(max_steps=6, save_steps=2, save_total_limit=2, lr_scheduler_type
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_sample_subset(tmp_path_factory.mktemp("data") / "d.json", 24)
+def data(tmp_path_factory, sample_subset):
+    return sample_subset(tmp_path_factory.mktemp("data") / "d.json", 24)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_llama, data, tmp_path_factory):
+def train(tiny_llama, data, finetune_fast):
+    """finetune.py's entry function on the tiny model with SETTINGS (plus `extra`) into `out`."""
+
+    def train(out, **extra):
+        return finetune_fast(tiny_llama, data, out, **{**SETTINGS, **extra})
+
+    return train
+
+
+@pytest.fixture(scope="module")
+def reference(train, tmp_path_factory):
     """The uninterrupted run (its folder), with every file write of the run listed in order."""
     out = tmp_path_factory.mktemp("reference") / "run"
     events = []
@@ -39,7 +48,7 @@ def reference(tiny_llama, data, tmp_path_factory):
         write(path)
 
     with WriteHooks(record):
-        run_finetune_fast(tiny_llama, data, out, **SETTINGS)
+        train(out)
     return out, events
 
 
@@ -125,7 +134,7 @@ class WriteHooks:
         shutil.rmtree = self.saved_rmtree
 
 
-def killed_child(tiny_llama, data, out, hook=None):
+def killed_child(train, out, hook=None):
     """Fork a process that runs finetune.py's entry function (imports are shared, so it starts in
     milliseconds); `hook` may stop it mid-write. Returns the pid."""
     pid = os.fork()
@@ -134,9 +143,9 @@ def killed_child(tiny_llama, data, out, hook=None):
         try:
             if hook is not None:
                 with WriteHooks(hook):
-                    run_finetune_fast(tiny_llama, data, out, **SETTINGS)
+                    train(out)
             else:
-                run_finetune_fast(tiny_llama, data, out, **SETTINGS)
+                train(out)
         except BaseException:
             code = 1
         finally:
@@ -189,16 +198,16 @@ def kill_when(pid, ready, timeout=60.0):
     raise AssertionError("the child neither finished nor reached the kill point")
 
 
-def resume_latest(tiny_llama, data, out):
+def resume_latest(train, out):
     """'ok' after a resume that finished, or the refusal's message."""
     try:
-        run_finetune_fast(tiny_llama, data, out, resume_from_checkpoint="latest", **SETTINGS)
+        train(out, resume_from_checkpoint="latest")
     except ValueError as err:
         return str(err)
     return "ok"
 
 
-def test_kill_9_at_every_write_of_a_checkpoint_save_then_latest(tiny_llama, data, reference, tmp_path):
+def test_kill_9_at_every_write_of_a_checkpoint_save_then_latest(train, reference, tmp_path):
     reference_out, events = reference
     # every write of checkpoint-4 (adapter, training args, optimizer, scheduler, RNG, trainer state), the
     # rotation that deletes checkpoint-2 while checkpoint-6 is saved, and the final adapter
@@ -209,9 +218,9 @@ def test_kill_9_at_every_write_of_a_checkpoint_save_then_latest(tiny_llama, data
     outcomes = {}
     for index in targets:
         out, flag = tmp_path / f"kill{index}", tmp_path / f"stopped{index}"
-        pid = killed_child(tiny_llama, data, out, hook=stop_at(index, flag))
+        pid = killed_child(train, out, hook=stop_at(index, flag))
         assert kill_when(pid, flag.exists), f"the run finished before write {index}"
-        outcome = resume_latest(tiny_llama, data, out)
+        outcome = resume_latest(train, out)
         assert outcome == "ok", (events[index], outcome)
         assert_same_adapter(out, reference_out)
         outcomes[events[index]] = outcome
@@ -219,7 +228,7 @@ def test_kill_9_at_every_write_of_a_checkpoint_save_then_latest(tiny_llama, data
     print(f"{len(targets)} aimed kills, each resumed to the reference adapter: {sorted(outcomes)}")
 
 
-def test_kill_9_at_random_moments_then_latest(tiny_llama, data, reference, tmp_path):
+def test_kill_9_at_random_moments_then_latest(train, reference, tmp_path):
     """Kills without any hook, the moment a file appears: the exact point inside the save is left to
     chance (often an empty or half-written folder). `latest` then resumes to the same adapter or, when
     no checkpoint was complete yet, refuses clearly."""
@@ -234,9 +243,9 @@ def test_kill_9_at_random_moments_then_latest(tiny_llama, data, reference, tmp_p
     resumed = refused = 0
     for n, moment in enumerate(moments):
         out = tmp_path / f"random{n}"
-        pid = killed_child(tiny_llama, data, out)
+        pid = killed_child(train, out)
         assert kill_when(pid, (out / moment).exists), moment
-        outcome = resume_latest(tiny_llama, data, out)
+        outcome = resume_latest(train, out)
         if outcome == "ok":
             assert_same_adapter(out, reference_out)
             resumed += 1
@@ -248,7 +257,7 @@ def test_kill_9_at_random_moments_then_latest(tiny_llama, data, reference, tmp_p
     assert resumed >= 3, (resumed, refused)
 
 
-def test_kill_9_of_the_command_line_while_it_saves(tiny_llama, data, reference, tmp_path):
+def test_kill_9_of_the_command_line_while_it_saves(tiny_llama, data, train, reference, tmp_path):
     """The real script in its own process, killed the moment checkpoint-4 appears; then `latest`."""
     reference_out, _ = reference
     out = tmp_path / "cli"
@@ -264,19 +273,16 @@ def test_kill_9_of_the_command_line_while_it_saves(tiny_llama, data, reference, 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert resume_latest(tiny_llama, data, out) == "ok"
+    assert resume_latest(train, out) == "ok"
     assert_same_adapter(out, reference_out)
 
 
-def make_checkpoints(tiny_llama, data, out):
-    run_finetune_fast(tiny_llama, data, out, **{**SETTINGS, "save_total_limit": None})
-    return out
-
-
 @pytest.fixture(scope="module")
-def finished(tiny_llama, data, tmp_path_factory):
+def finished(train, tmp_path_factory):
     """A finished run with checkpoint-2, -4 and -6, to copy and damage."""
-    return make_checkpoints(tiny_llama, data, tmp_path_factory.mktemp("finished") / "run")
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(out, save_total_limit=None)
+    return out
 
 
 def damaged_copy(finished, tmp_path, damage):
@@ -319,17 +325,17 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_damaged_newest_checkpoint(damage, tiny_llama, data, finished, tmp_path, capsys):
+def test_damaged_newest_checkpoint(damage, train, finished, tmp_path, capsys):
     hurt, message = DAMAGES[damage]
     out = damaged_copy(finished, tmp_path, hurt)
     assert any(message in p for p in checkpoint_problems(out / "checkpoint-6", use_lora=True))
     # explicit: an error naming what is wrong, before any model loads
     with pytest.raises(ValueError, match="is an incomplete Trainer checkpoint") as err:
-        run_finetune_fast(tiny_llama, data, out, resume_from_checkpoint=str(out / "checkpoint-6"), **SETTINGS)
+        train(out, resume_from_checkpoint=str(out / "checkpoint-6"))
     assert message in str(err.value)
     assert "optimizer, scheduler and step restored" not in capsys.readouterr().out
     # latest: skips it with the reason, resumes from checkpoint-4, and the result is the uninterrupted one
-    run_finetune_fast(tiny_llama, data, out, resume_from_checkpoint="latest", **SETTINGS)
+    train(out, resume_from_checkpoint="latest")
     printed = capsys.readouterr().out
     assert f"skipping {out / 'checkpoint-6'}: incomplete" in printed and message in printed
     assert f"resuming from Trainer checkpoint {out / 'checkpoint-4'}" in printed
@@ -337,7 +343,7 @@ def test_damaged_newest_checkpoint(damage, tiny_llama, data, finished, tmp_path,
     assert_same_adapter(out, finished)
 
 
-def test_complete_checkpoints_pass_and_none_complete_is_refused(finished, tiny_llama, data, tmp_path):
+def test_complete_checkpoints_pass_and_none_complete_is_refused(finished, train, tmp_path):
     for step in (2, 4, 6):
         assert checkpoint_problems(finished / f"checkpoint-{step}", use_lora=True) == []
     out = tmp_path / "run"
@@ -347,7 +353,7 @@ def test_complete_checkpoints_pass_and_none_complete_is_refused(finished, tiny_l
     with pytest.raises(
         ValueError, match="no complete checkpoint-N folder .*checkpoint-6: trainer_state.json missing"
     ):
-        run_finetune_fast(tiny_llama, data, out, resume_from_checkpoint="latest", **SETTINGS)
+        train(out, resume_from_checkpoint="latest")
 
 
 def test_rng_files_expected_for_the_ranks_that_saved(finished, tmp_path):
