@@ -876,6 +876,31 @@ def count_trainable(model) -> tuple[int, int]:
     return trainable, total
 
 
+def report_run(config: FinetuneConfig, report, model, extra: dict) -> None:
+    """The pre-flight report: data, trainable parameters, optimizer and warmup steps (warning when the
+    warmup is not shorter than the run); printed once and saved in run_config.json."""
+    total_steps = optimizer_steps(config, report.train_examples)
+    warmup, warmup_warning = warmup_report(config, total_steps)
+    trainable, total = count_trainable(model)
+    extra = dict(extra, data_report=report.to_dict(), optimizer_steps=total_steps)
+    extra.update(warmup_steps_resolved=warmup, trainable_params=trainable, total_params=total)
+    save_run_config(config, extra)
+    log(report.summary())
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    log(f"optimizer steps: {total_steps} (warmup {warmup})")
+    if warmup_warning:
+        log(warmup_warning)
+
+
+def final_metrics(trainer, result, n_train: int) -> dict:
+    metrics = dict(result.metrics)
+    metrics["global_step"] = trainer.state.global_step
+    metrics["num_processes"] = trainer.accelerator.num_processes
+    metrics["distributed_type"] = str(trainer.accelerator.distributed_type)
+    metrics["train_examples"] = n_train
+    return metrics
+
+
 def run_finetune(flags: dict, extra: dict) -> dict:
     """The whole run: resolve, check the resume point and output folder, load data and model, train,
     save. Every user mistake is found before the model loads. Returns the final metrics."""
@@ -910,29 +935,18 @@ def run_finetune(flags: dict, extra: dict) -> dict:
         config.seed,
         source=config.data_path,
     )
-    total_steps = optimizer_steps(config, len(train_set))
-    warmup, warmup_warning = warmup_report(config, total_steps)
-    trainable, total = count_trainable(model)
-    save_run_config(
+    report_run(
         config,
+        report,
+        model,
         {
             "base_model_file": given_model if gguf_info else None,
             "base_model_gguf": gguf_info,
             "base_model_resolved": identity["base_model_resolved"],
             "data_sha256": identity["data_sha256"],
             "precision_resolved": precision,
-            "data_report": report.to_dict(),
-            "optimizer_steps": total_steps,
-            "warmup_steps_resolved": warmup,
-            "trainable_params": trainable,
-            "total_params": total,
         },
     )
-    log(report.summary())
-    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    log(f"optimizer steps: {total_steps} (warmup {warmup})")
-    if warmup_warning:
-        log(warmup_warning)
     if plan.adapter_weights:
         load_adapter_weights(
             model, plan.adapter_weights, f"--resume_from_checkpoint={config.resume_from_checkpoint}"
@@ -944,11 +958,7 @@ def run_finetune(flags: dict, extra: dict) -> dict:
     trainer = build_trainer(model, tokenizer, config, train_set, val_set, args)
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
     save_outputs(trainer, tokenizer, config)
-    metrics = dict(result.metrics)
-    metrics["global_step"] = trainer.state.global_step
-    metrics["num_processes"] = trainer.accelerator.num_processes
-    metrics["distributed_type"] = str(trainer.accelerator.distributed_type)
-    metrics["train_examples"] = len(train_set)
+    metrics = final_metrics(trainer, result, len(train_set))
     if is_main_process():
         write_json_atomic(Path(config.output_dir) / "train_metrics.json", metrics)
     log(
