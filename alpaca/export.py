@@ -569,6 +569,9 @@ def export_meta(
     out = prepare_output_path(output_dir, overwrite, protect=(base_model, lora_weights))
     inputs = resolve_export_inputs(base_model, lora_weights, dtype, "export_state_dict_checkpoint.py")
     vocab_type = vocabulary_kind(inputs)
+    meta_ffn_params(
+        inputs.config.hidden_size, inputs.config.intermediate_size
+    )  # refused now, not after the merge
     announce("export_meta", **inputs.source(), output_dir=str(out), dtype=inputs.dtype_name)
     merged = load_and_merge(inputs)
     meta = meta_state_dict(merged.model)

@@ -165,7 +165,6 @@ def test_a_merge_with_wrong_logits_is_an_error(tiny_llama, tiny_llama_adapter, t
 
 
 def test_bad_inputs_are_named(tiny_llama, tiny_opt, tmp_path):
-    from conftest import make_random_adapter
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = str(tmp_path / "out")
@@ -180,11 +179,11 @@ def test_bad_inputs_are_named(tiny_llama, tiny_opt, tmp_path):
         vocab_size=512,
     )
     LlamaForCausalLM(config).save_pretrained(other)
-    wrong_shape = make_random_adapter(str(other), tmp_path / "wrong-shape")
+    wrong_shape = make_adapter(str(other), tmp_path / "wrong-shape")
     with pytest.raises(ValueError, match="does not fit the base model"):
         export_hf(tiny_llama, wrong_shape, out, dtype="fp32")
     # an adapter whose target modules (OPT's fc1/fc2) the base does not have
-    wrong_targets = make_random_adapter(tiny_opt, tmp_path / "wrong-targets", target_modules=("fc1", "fc2"))
+    wrong_targets = make_adapter(tiny_opt, tmp_path / "wrong-targets", target_modules=("fc1", "fc2"))
     with pytest.raises(ValueError, match="does not fit the base model"):
         export_hf(tiny_llama, wrong_targets, out, dtype="fp32")
     with pytest.raises(ValueError, match="--base_model=.*no such folder"):
@@ -194,7 +193,7 @@ def test_bad_inputs_are_named(tiny_llama, tiny_opt, tmp_path):
     with pytest.raises(ValueError, match="--dtype='int8'"):
         export_hf(tiny_llama, wrong_shape, out, dtype="int8")
     # Meta and GGUF layouts exist for LLaMA only
-    opt_adapter = make_random_adapter(tiny_opt, tmp_path / "opt-lora")
+    opt_adapter = make_adapter(tiny_opt, tmp_path / "opt-lora")
     with pytest.raises(ValueError, match="LLaMA models only.*'opt' model"):
         export_meta(tiny_opt, opt_adapter, out)
     with pytest.raises(ValueError, match="LLaMA models only.*'opt' model"):
@@ -329,7 +328,6 @@ def test_gguf_export_refuses_to_overwrite_and_bad_outtype(tiny_llama, tiny_llama
 def test_added_pad_token_travels_to_meta_and_gguf(tiny_llama, tmp_path):
     """An adapter trained with Alpaca's [PAD] (tokenizer saved with the adapter): the base is resized,
     and both llama.cpp layouts name the token instead of leaving a filler."""
-    from conftest import make_random_adapter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alpaca.modeling import resize_embeddings_for_new_tokens
@@ -340,7 +338,7 @@ def test_added_pad_token_travels_to_meta_and_gguf(tiny_llama, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     resize_embeddings_for_new_tokens(model, tokenizer, 1)
     model.save_pretrained(resized)
-    adapter = make_random_adapter(str(resized), tmp_path / "lora-pad")
+    adapter = make_adapter(str(resized), tmp_path / "lora-pad")
     tokenizer.save_pretrained(adapter)
     pad_id = len(tokenizer) - 1
 
@@ -419,7 +417,6 @@ def test_tied_embeddings_gguf_equals_llama_cpp_conversion(tiny_llama, tmp_path):
     """A LLaMA with tied input/output embeddings: no separate `output` tensor, as llama.cpp's converter."""
     import shutil
 
-    from conftest import make_random_adapter
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tied = tmp_path / "tied" / "llama"
@@ -428,7 +425,7 @@ def test_tied_embeddings_gguf_equals_llama_cpp_conversion(tiny_llama, tmp_path):
     AutoModelForCausalLM.from_config(config).save_pretrained(tied)
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(Path(tiny_llama) / name, tied / name)
-    adapter = make_random_adapter(str(tied), tmp_path / "lora")
+    adapter = make_adapter(str(tied), tmp_path / "lora")
     hf_dir = tmp_path / "hf" / "llama"
     export_hf(str(tied), adapter, str(hf_dir), dtype="fp32")
     run_converter(CONVERT_HF, hf_dir, "--outfile", tmp_path / "ref.gguf", "--outtype", "f32")
@@ -598,3 +595,24 @@ def test_merged_config_pads_with_the_tokenizers_pad_id(tiny_llama, tmp_path):
     assert AutoTokenizer.from_pretrained(out).pad_token_id == 0
     assert json.loads((out / "config.json").read_text())["pad_token_id"] == 0
     assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == 0
+
+
+def test_llama_style_bpe_without_tokenizer_model_equals_llama_cpp_conversion(tiny_llama, tmp_path):
+    """A LLaMA whose tokenizer is only a tokenizer.json with byte fallback (no tokenizer.model): both
+    llama.cpp's converter and ours read it as LLaMA-style BPE (`LlamaHfVocab`); same keys, same tensors."""
+    import shutil
+
+    base = tmp_path / "hfft" / "llama"
+    shutil.copytree(tiny_llama, base)
+    (base / "tokenizer.model").unlink()
+    adapter = make_adapter(str(base), tmp_path / "lora")
+    hf_dir = tmp_path / "hf" / "llama"
+    export_hf(str(base), adapter, str(hf_dir))
+    assert not (hf_dir / "tokenizer.model").exists()
+    run_converter(CONVERT_HF, hf_dir, "--outfile", tmp_path / "ref.gguf", "--outtype", "f32")
+    info = export_gguf(str(base), adapter, str(tmp_path / "ours.gguf"), outtype="f32")
+    assert info["vocab_type"] == "hfft"
+    kv, tensors = read_gguf(tmp_path / "ours.gguf")
+    ref_kv, ref_tensors = read_gguf(tmp_path / "ref.gguf")
+    assert kv == ref_kv and kv["tokenizer.ggml.model"] == "llama"
+    assert_same_tensors(tensors, ref_tensors)
