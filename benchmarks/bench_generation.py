@@ -1,7 +1,9 @@
-"""Generation speed on the tiny model: a batch of 8 against one at a time, and streaming's cost.
+"""Generation speed: a batch of 8 against one at a time, and streaming's cost.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_generation.py                 # builds a tiny LLaMA
     python benchmarks/bench_generation.py --base_model=./tiny-models/llama --max_new_tokens=64
+    # the real model (a folder or its .gguf file); --stop="" measures without stop strings
+    python benchmarks/bench_generation.py --base_model="$(python -m alpaca.default_model)"
 
 Both measurements run in the same process on the same prompts, greedy, each repeated `--repeats`
 times (best time kept, after one warm-up). Tokens are counted from the outputs (EOS and padding
@@ -44,24 +46,32 @@ def best_of(repeats: int, run) -> tuple[float, object]:
     return min(times), result
 
 
-def main(base_model: str = "", max_new_tokens: int = 32, repeats: int = 3, num_threads: int = 1) -> None:
+def main(
+    base_model: str = "",
+    max_new_tokens: int = 32,
+    repeats: int = 3,
+    num_threads: int = 1,
+    stop: str | None = None,
+) -> None:
     """Print generated tokens per second for batch-of-8 vs one-at-a-time, and streaming vs plain.
 
     Args:
-        base_model: a model folder; "" builds the tiny random LLaMA in a temporary folder.
+        base_model: a model folder or .gguf file; "" builds the tiny random LLaMA in a temporary folder.
         max_new_tokens: tokens generated per prompt (at most).
         repeats: timed repetitions of each measurement; the best is reported.
         num_threads: torch CPU threads.
+        stop: stop strings as in generate.py; default the template's markers, "" none.
     """
     import torch
 
-    from alpaca.generation import DecodingSettings, load_generators
+    from alpaca.generation import DecodingSettings, load_generators, parse_stop_strings
     from alpaca.tiny import ensure_tiny_model
 
     torch.set_num_threads(num_threads)
     with tempfile.TemporaryDirectory() as tmp:
         base_model = base_model or str(ensure_tiny_model(Path(tmp) / "llama"))
-        (generator,) = load_generators(base_model, lora_weights="")
+        stop_strings = None if stop is None else parse_stop_strings(stop)
+        (generator,) = load_generators(base_model, lora_weights="", stop_strings=stop_strings)
         settings = DecodingSettings(temperature=0, num_beams=1, max_new_tokens=max_new_tokens)
         requests = [(prompt, None) for prompt in PROMPTS]
 
@@ -91,6 +101,7 @@ def main(base_model: str = "", max_new_tokens: int = 32, repeats: int = 3, num_t
         "stream_overhead_pct": (stream_s / plain_s - 1) * 100,
     }
     print(f"model: {base_model} on {results['device']}, {results['torch_threads']} torch thread(s)")
+    print(f"stop strings: {list(generator.stop_strings)}")
     print(f"batch of 8:     {results['batch8_tokens_per_s']:8.1f} generated tokens/s ({tokens} tokens)")
     print(f"one at a time:  {results['one_at_a_time_tokens_per_s']:8.1f} generated tokens/s")
     print(f"batching speed-up: {results['batch_speedup']:.2f}x (outputs identical)")
