@@ -230,9 +230,9 @@ def held_back(text: str, stop_strings: Sequence[str]) -> int:
 class _StopAtStrings:
     """A stopping criterion: a row is done once its generated text contains a stop string.
 
-    Each step decodes only the last few generated tokens of each row: every token decodes to at least
-    one byte, so a window of (longest stop string in bytes + 2) tokens holds any stop string completed
-    by the newest token. A row that stopped is padded by `generate`; the reply is then trimmed at the
+    Each step decodes only the last few generated tokens of each row: every ordinary token decodes to
+    at least one byte, so a window of (longest stop string in bytes + 2) tokens holds any stop string
+    completed by the newest token. A row that stopped is padded by `generate`; the reply is then trimmed at the
     earliest stop string (`cut_at_stop`), which also catches one completed on the last allowed token.
     """
 
