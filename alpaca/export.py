@@ -155,7 +155,12 @@ def max_logit_difference(first: list, second: list) -> float:
 
 
 def check_logits_match(
-    reference: list, candidate: list, dtype_name: str, what: str, adapter_effect: float
+    reference: list,
+    candidate: list,
+    dtype_name: str,
+    what: str,
+    adapter_effect: float,
+    remedy: str = "Export with --dtype=fp32 (or --dtype=base, the base's own precision)",
 ) -> float:
     """Raise unless `candidate` logits equal `reference` within the dtype's rounding and within a small
     share of the adapter's own effect (`adapter_effect`: max |adapter model - base| logits); return the
@@ -177,7 +182,7 @@ def check_logits_match(
             f"self-check failed: in {dtype_name} the {what} loses {max_diff / adapter_effect:.0%} of the adapter's "
             f"effect on the logits (it differs from the adapter model by up to {max_diff:.3g}, while the "
             f"adapter changes the base model's logits by up to {adapter_effect:.3g}): the update is too small "
-            f"to survive {dtype_name} weights. Export with --dtype=fp32 (or --dtype=base, the base's own precision)"
+            f"to survive {dtype_name} weights. {remedy}"
         )
     return max_diff
 
@@ -218,11 +223,17 @@ def resolve_export_inputs(
     from transformers import AutoConfig, AutoTokenizer
 
     folder, gguf_info = resolve_base_model(base_model)
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except OSError as err:  # a hub id that is not cached while offline, or not a model at all
+        raise ValueError(f"--base_model={base_model!r}: cannot read its config ({err})") from err
     if llama_only:
         check_llama_shaped(config, llama_only)
     tokenizer_dir = find_tokenizer_dir(folder, lora_weights)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load the tokenizer of {tokenizer_dir!r}: {err}") from err
     dtype_name = base_dtype_name(config) if dtype == "base" else dtype
     return ExportInputs(
         base_model, folder, gguf_info, lora_weights, dtype_name, tokenizer_dir, tokenizer, config
@@ -844,6 +855,25 @@ def write_gguf(
     return tensors
 
 
+def check_f16_weights(merged: MergedModel) -> float:
+    """Round the merged matrices to f16 in place (the values the f16 file will hold; norms stay f32) and
+    require the logits to keep the adapter's effect: a small update that f16 rounds away is an error."""
+    import torch
+
+    with torch.no_grad():
+        for param in merged.model.parameters():
+            if param.ndim > 1:
+                param.copy_(param.half().to(param.dtype))
+    return check_logits_match(
+        merged.reference_logits,
+        compute_logits(merged.model, merged.input_ids),
+        "fp16",
+        "f16 GGUF model",
+        merged.adapter_effect,
+        remedy="Write the GGUF with --outtype=f32.",
+    )
+
+
 def check_gguf_readback(path: Path, tensors: dict, config) -> None:
     """Read the file back with the gguf reader; every tensor and the main hyperparameters must match."""
     import gguf
@@ -907,6 +937,8 @@ def export_gguf(
         "export_gguf", **inputs.source(), output_file=str(path), outtype=outtype, dtype=inputs.dtype_name
     )
     merged = load_and_merge(inputs)
+    if outtype == "f16":
+        check_f16_weights(merged)
     name_hint = Path(inputs.folder.rstrip("/")).name or "model"
     with staged_output(path, is_file=True) as staging:
         tensors = write_gguf(merged, staging, outtype, model_name, name_hint, vocab_type)

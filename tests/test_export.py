@@ -580,6 +580,11 @@ def test_export_dtype_defaults_to_the_base_and_a_rounded_away_update_is_an_error
     ):
         export_hf(tiny_llama, small, str(tmp_path / "fp16"), dtype="fp16")
     assert not (tmp_path / "fp16").exists()
+    # the same for llama.cpp's f16 file, whose matrices are rounded after an fp32 merge
+    with pytest.raises(ValueError, match=r"f16 GGUF model loses \d+% of the adapter's effect.*--outtype=f32"):
+        export_gguf(tiny_llama, small, str(tmp_path / "small-f16.gguf"), outtype="f16")
+    assert not (tmp_path / "small-f16.gguf").exists()
+    export_gguf(tiny_llama, small, str(tmp_path / "small-f32.gguf"), outtype="f32")
 
 
 def test_merged_config_pads_with_the_tokenizers_pad_id(tiny_llama, tmp_path):
