@@ -167,6 +167,15 @@ def test_script_imports_neither_training_nor_openai():
         "--check_integrity_naively",
     ):
         assert flag.lstrip("-") in shown, flag
+    verify_help = subprocess.run(
+        [sys.executable, "weight_diff.py", "verify", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    shown = (verify_help.stdout + verify_help.stderr).lower()
+    assert verify_help.returncode == 0 and "path_tuned" in shown and "integrity_file" in shown
     source = (REPO / "alpaca" / "weights.py").read_text() + (REPO / "weight_diff.py").read_text()
     assert "openai" not in source.replace("OpenAI client", "") and "alpaca.training" not in source
 
