@@ -45,3 +45,74 @@ def test_cpu_bf16_falls_back_to_fp32_without_native_support(
     assert "no native bf16" in capsys.readouterr().out
     config = json.loads((Path(tmp_path) / "out" / "run_config.json").read_text())
     assert config["precision_resolved"] == "fp32"
+
+
+# Generation ---------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _batch_input(tmp_path) -> str:
+    records = [
+        {"instruction": "Name a colour.", "input": ""},
+        {"instruction": "Add 2 and 3.", "input": "2, 3"},
+    ]
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+@needs_native_bf16
+def test_generate_py_bf16_on_a_native_bf16_cpu_loads_bf16_and_says_so(
+    tiny_llama, tiny_llama_adapter, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    import generate
+
+    output_file = tmp_path / "out.json"
+    generate.main(
+        base_model=tiny_llama,
+        lora_weights=tiny_llama_adapter,
+        input_file=_batch_input(tmp_path),
+        output_file=str(output_file),
+        precision="bf16",
+        temperature=0,
+        num_beams=1,
+        max_new_tokens=8,
+    )
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{") : out.index("\n}\n") + 2])
+    assert report["dtype"] == "torch.bfloat16"
+    assert report["precision"].startswith("bf16 weights") and "native bf16" in report["precision"]
+    written = json.loads(output_file.read_text())
+    assert len(written) == 2 and all(isinstance(r["output"], str) for r in written)
+    config = json.loads(output_file.with_suffix(".config.json").read_text())
+    assert config["precision"] == report["precision"]
+
+
+def test_generation_bf16_falls_back_to_fp32_without_native_support(tiny_llama, monkeypatch, capsys):
+    import alpaca.modeling
+    from alpaca.generation import DecodingSettings, describe, load_generators
+
+    monkeypatch.setattr(alpaca.modeling, "cpu_has_native_bf16", lambda: False)
+    (generator,) = load_generators(tiny_llama, lora_weights="", precision="bf16")
+    assert generator.model.dtype == torch.float32
+    assert "no native bf16" in capsys.readouterr().err
+    settings = DecodingSettings(temperature=0, num_beams=1, max_new_tokens=4)
+    report = describe([generator], settings, generator.limits)
+    assert report["dtype"] == "torch.float32"
+    assert (
+        report["precision"].startswith("warning: fp32")
+        and generator.source["precision"] == report["precision"]
+    )
+    assert isinstance(generator.generate("Name a colour.", None, settings), str)
+
+
+def test_generation_precision_auto_stays_fp32_on_the_cpu(tiny_llama):
+    from alpaca.generation import load_generators
+
+    (generator,) = load_generators(tiny_llama, lora_weights="")
+    assert generator.model.dtype == torch.float32
+    assert generator.source["precision"] == "fp32 (--precision=auto on cpu)"
