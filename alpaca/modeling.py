@@ -1,20 +1,19 @@
-"""Loading base models, tokenizers and LoRA adapters; quantization; merging.
+"""Loading base models, configs, tokenizers and LoRA adapters; quantization; merging; output folders.
 
-Everything that touches `from_pretrained` lives here so that training, the demo and the exports
-load models the same way.
+Training, generation, the demo, the exports and the weight diffs load models and tokenizers through
+this module's `load_*` functions, so that they all load (and report a bad path) the same way.
+The exceptions load something else: `gguf_import` reads a `.gguf` file once into a cached HF folder,
+and `tiny` builds the offline test models.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 PAD_TOKEN = "[PAD]"
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -237,11 +236,13 @@ def load_base_model(
     dtype=None,
     device_map=None,
     trust_remote_code: bool = False,
+    flag: str = "--base_model",
 ):
-    """Load any `AutoModelForCausalLM`, optionally quantized by bitsandbytes."""
+    """Load any `AutoModelForCausalLM`, optionally quantized by bitsandbytes; `flag` names the path in
+    errors."""
     from transformers import AutoModelForCausalLM
 
-    check_model_path(base_model)
+    check_model_path(base_model, flag)
     dtype = dtype if dtype is not None else resolve_dtype("auto")
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     quant = quantization_config(load_in_8bit, load_in_4bit, compute_dtype=dtype)
@@ -253,7 +254,37 @@ def load_base_model(
         return AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
     except OSError as err:
         # a hub id that is not cached offline, a folder that changed under us, a damaged .bin
-        raise ValueError(f"--base_model={base_model!r}: cannot load the model ({err})") from err
+        raise ValueError(
+            f"{flag}={base_model!r}: cannot load the model ({damaged_weights(base_model) or err})"
+        ) from err
+
+
+def damaged_weights(folder: str) -> str | None:
+    """Which weight file of `folder` is truncated or corrupt, and how (None when none looks damaged)."""
+    from alpaca.files import safetensors_problem
+
+    for weights in sorted(Path(folder).expanduser().glob("*.safetensors")):
+        if problem := safetensors_problem(weights):
+            return f"{weights} is {problem}; copy or download it again"
+    return None
+
+
+def load_model_config(path: str, flag: str = "--base_model", trust_remote_code: bool = False):
+    """The model's `AutoConfig` (no weights); an unreadable one is a ValueError naming `flag`."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:  # a hub id that is not cached while offline, or not a model at all
+        raise ValueError(f"{flag}={path!r}: cannot read its config ({err})") from err
+
+
+def load_plain_tokenizer(path: str):
+    """The tokenizer exactly as saved: no pad-token fix-ups (exports and weight diffs need the vocabulary
+    that matches the weights, where `load_tokenizer` may add a token)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def linear_module_names(model) -> list[str]:

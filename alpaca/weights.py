@@ -21,6 +21,9 @@ from pathlib import Path
 from alpaca.modeling import (
     PAD_TOKEN,
     check_model_path,
+    damaged_weights,
+    load_base_model,
+    load_plain_tokenizer,
     prepare_output_path,
     resize_embeddings_for_new_tokens,
     resolve_base_model,
@@ -50,30 +53,11 @@ def load_fp32_model(path: str, device: str, flag: str):
     or corrupt weight file is a ValueError naming it."""
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
 
-    check_model_path(path, flag)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": device})
-    except (SafetensorError, OSError, EOFError, RuntimeError) as err:
+        return load_base_model(path, dtype=torch.float32, device_map={"": device}, flag=flag)
+    except (SafetensorError, EOFError, RuntimeError) as err:
         raise ValueError(f"{flag}={path!r}: cannot read the weights: {damaged_weights(path) or err}") from err
-
-
-def damaged_weights(folder: str) -> str | None:
-    """Which weight file of `folder` is truncated or corrupt, and how (None when none looks damaged)."""
-    from alpaca.files import safetensors_problem
-
-    for weights in sorted(Path(folder).expanduser().glob("*.safetensors")):
-        if problem := safetensors_problem(weights):
-            return f"{weights} is {problem}; copy or download it again"
-    return None
-
-
-def load_plain_tokenizer(path: str):
-    """The tokenizer exactly as saved (no pad-token fix-ups: the vocabulary must match the weights)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def match_raw_vocabulary(model_raw, tokenizer_raw, tokenizer_tuned, model_tuned) -> None:
