@@ -1,7 +1,8 @@
 """Prompt templates: the one place where prompt text is turned into model input.
 
-Templates are JSON files in the repository's `templates/` folder (found relative to this module, so
-scripts work from any working directory) or any JSON file given by path.
+Templates are JSON files in the package's `templates/` folder (found relative to this module, so
+scripts work from any working directory and from an installed package; the repository's top-level
+`templates` is a link to it for older paths) or any JSON file given by path.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import string
 from pathlib import Path
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 DEFAULT_TEMPLATE = "alpaca"
 REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
 
