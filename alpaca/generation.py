@@ -252,7 +252,7 @@ class _StopAtStrings:
 
 
 @dataclass
-class Reply:
+class GeneratedReply:
     """One generated response and the number of tokens generated for it (EOS and padding excluded)."""
 
     text: str
@@ -352,7 +352,7 @@ class ResponseGenerator:
 
     def generate_replies(
         self, requests: Sequence[tuple[str, str | None]], settings: DecodingSettings | None = None
-    ) -> list[Reply]:
+    ) -> list[GeneratedReply]:
         """Generate for a batch of `(instruction, input)` pairs, left-padded with an attention mask.
 
         Left padding keeps every prompt's last token at the end of the row, where generation continues,
@@ -375,7 +375,7 @@ class ResponseGenerator:
         for row, prompt_ids in zip(output, encoded["input_ids"]):
             generated = row[prompt_length:].tolist()
             num_tokens = next((i for i, token in enumerate(generated) if token in ended), len(generated))
-            replies.append(Reply(self._response(prompt_ids, row), num_tokens))
+            replies.append(GeneratedReply(self._response(prompt_ids, row), num_tokens))
         return replies
 
     def stream(

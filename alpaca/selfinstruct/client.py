@@ -31,7 +31,7 @@ class APIFailure(RuntimeError):
 
 
 @dataclass
-class Reply:
+class CompletionReply:
     """One request's outcome.
 
     Attributes:
@@ -102,15 +102,15 @@ def _retry_after_seconds(headers) -> float | None:
     return None
 
 
-def _parse_body(body: str, chat: bool) -> Reply:
+def _parse_body(body: str, chat: bool) -> CompletionReply:
     """Read text, finish reason and usage from a JSON reply; a malformed one becomes a failure."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return Reply(failure="malformed JSON")
+        return CompletionReply(failure="malformed JSON")
     if not isinstance(data, dict):
-        return Reply(failure="malformed JSON")
-    reply = Reply()
+        return CompletionReply(failure="malformed JSON")
+    reply = CompletionReply()
     usage = data.get("usage")
     if isinstance(usage, dict):
         reply.prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -207,7 +207,7 @@ class CompletionClient:
         raw = await asyncio.wait_for(call, timeout=self.request_timeout)
         return raw.http_response.content.decode("utf-8", errors="replace")
 
-    async def complete(self, prompt: str, request_seed: int | None = None) -> Reply:
+    async def complete(self, prompt: str, request_seed: int | None = None) -> CompletionReply:
         """Send ``prompt``, retrying transient faults; raise ``APIFailure`` when it cannot succeed."""
         openai = self._openai
         max_tokens = self.max_tokens

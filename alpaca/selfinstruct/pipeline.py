@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from alpaca.selfinstruct.client import APIFailure, CompletionClient, Reply, RetryPolicy
+from alpaca.selfinstruct.client import APIFailure, CompletionClient, CompletionReply, RetryPolicy
 from alpaca.selfinstruct.cost import CostMeter, resolve_prices
 from alpaca.selfinstruct.journal import Journal, JournalState, add_counts, write_json_atomically
 from alpaca.selfinstruct.parsing import parse_reply
@@ -361,13 +361,17 @@ def fits_the_cap(config: GenerationConfig, state: RunState, worst_usd: float | N
     return state.meter.usd + sum(state.reserved_usd.values()) + worst_usd <= config.max_cost_usd
 
 
-def stored_reply(config: GenerationConfig, state: RunState, request_index: int, prompt: str) -> Reply | None:
+def stored_reply(
+    config: GenerationConfig, state: RunState, request_index: int, prompt: str
+) -> CompletionReply | None:
     """The reply an earlier run paid for, when it answered this very prompt with this model and endpoint."""
     entry = state.stored_replies.pop(request_index, None)
     if entry is None or entry["request_sha256"] != request_hash(config, prompt):
         return None
-    fields = {spec.name for spec in dataclasses.fields(Reply)}
-    return Reply(**{key: value for key, value in entry["reply"].items() if key in fields}, from_journal=True)
+    fields = {spec.name for spec in dataclasses.fields(CompletionReply)}
+    return CompletionReply(
+        **{key: value for key, value in entry["reply"].items() if key in fields}, from_journal=True
+    )
 
 
 async def run_requests(config, seed, seed_examples, index, journal, state: RunState) -> None:
@@ -457,7 +461,7 @@ async def settle_in_flight(journal: Journal, state: RunState, in_flight: dict, w
     results = await asyncio.gather(*in_flight.values(), return_exceptions=True)
     kept = 0
     for request_index, result in sorted(zip(in_flight, results), key=lambda pair: pair[0]):
-        if not isinstance(result, Reply):
+        if not isinstance(result, CompletionReply):
             continue
         if result.from_journal:
             continue  # still in the journal from the run that bought it
@@ -476,7 +480,9 @@ async def settle_in_flight(journal: Journal, state: RunState, in_flight: dict, w
     state.session["discarded_in_flight"] = len(in_flight) - kept
 
 
-def apply_reply(config, index: SimilarityIndex, journal: Journal, state: RunState, reply: Reply) -> None:
+def apply_reply(
+    config, index: SimilarityIndex, journal: Journal, state: RunState, reply: CompletionReply
+) -> None:
     """Parse, filter and durably record one reply, then account for it."""
     request_index = state.next_to_apply
     state.reserved_usd.pop(request_index, None)
