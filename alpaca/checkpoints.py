@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from alpaca.files import safetensors_problem, torch_file_problem
 
 if TYPE_CHECKING:
-    from alpaca.training import FinetuneConfig
+    from alpaca.finetune_settings import FinetuneConfig
 
 
 def is_main_process() -> bool:

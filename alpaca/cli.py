@@ -1,21 +1,151 @@
-"""The one way the top-level scripts run: fire, with user mistakes shown as one line, not a traceback."""
+"""The one way the top-level scripts run: fire, with user mistakes shown as one line, not a traceback,
+and `--config=FILE` (YAML or JSON) on every script.
+
+A config file is a mapping of flag names to values, e.g. `configs/alpaca_lora.yaml`. Its values are
+handed to fire as if typed on the command line, except for flags the command line gives itself: those
+win. A key the script does not take is an error naming the file, the key and the closest flags.
+"""
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 
-def run(component, script: str, argv: list[str] | None = None, **fire_kwargs) -> None:
+def run(
+    component,
+    script: str,
+    argv: list[str] | None = None,
+    known_keys: Callable[[], set[str]] | None = None,
+    read_config: Callable[[dict], dict] | None = None,
+    **fire_kwargs,
+) -> None:
     """Run `component` with fire; a ValueError (a user's mistake whose message names the flag, file
-    or record) becomes `SCRIPT: error: MESSAGE` on stderr and exit status 2."""
+    or record) becomes `SCRIPT: error: MESSAGE` on stderr and exit status 2.
+
+    `known_keys` lists the names a --config file may set when the function also takes **kwargs
+    (finetune.py passes TrainingArguments through); `read_config` turns the file's mapping into
+    settings (finetune.py drops the report keys of a saved run_config.json).
+    """
     import fire
 
     drop_bitsandbytes_kernels_warning()
     try:
-        fire.Fire(component, command=sys.argv[1:] if argv is None else argv, **fire_kwargs)
+        command = sys.argv[1:] if argv is None else list(argv)
+        command = apply_config_file(command, component, known_keys, read_config)
+        fire.Fire(component, command=command, **fire_kwargs)
     except ValueError as err:
         print(f"{script}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def load_config_file(path: str) -> dict:
+    """A YAML (.yaml / .yml) or JSON file holding one mapping of settings."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"--config={path!r}: no such file")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # yaml.YAMLError or json.JSONDecodeError: the file is not readable as such
+        raise ValueError(
+            f"--config={path!r} is not valid {file.suffix.lstrip('.') or 'JSON'}: {err}"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"--config={path!r}: the file must hold a mapping of flag: value, not a {type(data).__name__}"
+        )
+    return data
+
+
+def split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The path given by `--config=PATH` / `--config PATH` (before fire's `--` separator), and argv
+    without it."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    path, rest, skip = None, [], False
+    for i, word in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if i < end and word.startswith("--config="):
+            path = word.split("=", 1)[1]
+        elif i < end and word == "--config" and i + 1 < end:
+            path, skip = argv[i + 1], True
+        else:
+            rest.append(word)
+    return path, rest
+
+
+def given_flags(argv: list[str], names: set[str]) -> set[str]:
+    """The names among `names` that argv sets (`--x=1`, `--x 1`, `--x`, `--nox`, `--x-y`)."""
+    given = set()
+    for word in argv:
+        if word == "--":
+            break
+        if not word.startswith("--"):
+            continue
+        name = word[2:].split("=", 1)[0].replace("-", "_")
+        given.add(name)
+        if name.startswith("no") and name[2:] in names:
+            given.add(name[2:])
+    return given
+
+
+def target_function(component, argv: list[str]):
+    """The function fire will call: the component itself, or for a dict of commands the one argv names."""
+    if isinstance(component, dict):
+        for word in argv:
+            if word in component:
+                return component[word]
+        raise ValueError(f"--config needs a command first: one of {', '.join(component)}")
+    return component
+
+
+def apply_config_file(argv: list[str], component, known_keys=None, read_config=None) -> list[str]:
+    """argv with the settings of its --config file added as flags, where argv does not give them."""
+    path, argv = split_config_flag(argv)
+    if path is None:
+        return argv
+    settings = load_config_file(path)
+    if read_config is not None:
+        settings = read_config(settings)
+    function = target_function(component, argv)
+    parameters = inspect.signature(function).parameters
+    names = {
+        name
+        for name, p in parameters.items()
+        if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }
+    if known_keys is not None:
+        names |= set(known_keys())
+    unknown = [key for key in settings if key not in names]
+    if unknown:
+        raise ValueError(
+            "; ".join(
+                f"{path}: {key!r} is not a flag of this script{suggestion(key, names)}" for key in unknown
+            )
+        )
+    given = given_flags(argv, names)
+    # repr() writes each value as the Python literal fire reads back to the same value and type
+    added = [f"--{key}={value!r}" for key, value in settings.items() if key not in given]
+    end = argv.index("--") if "--" in argv else len(argv)
+    return argv[:end] + added + argv[end:]
+
+
+def suggestion(name: str, known) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.75)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def drop_bitsandbytes_kernels_warning() -> None:

@@ -8,6 +8,7 @@ internals (pinned in requirements.txt) and is never part of the shipped code pat
     torchrun --nproc_per_node=2 tests/helpers/fsdp_cpu_finetune.py --use_lora=False --base_model=... --fsdp=full_shard
 """
 
+import inspect
 import json
 import os
 import sys
@@ -18,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import fire  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-import alpaca.training  # noqa: E402
 import finetune  # noqa: E402
+from alpaca.training import run_finetune  # noqa: E402
 
 
 class ShardReport(TrainerCallback):
@@ -66,6 +67,14 @@ class FSDPOnCPUTrainer(Trainer):
         self.add_callback(ShardReport(self))
 
 
+def train(**kwargs):
+    """finetune.train's flags (with its defaults) and pass-through, run with the FSDP-on-CPU Trainer."""
+    signature = inspect.signature(finetune.train).parameters
+    flags = {
+        name: kwargs.pop(name, p.default) for name, p in signature.items() if p.kind is not p.VAR_KEYWORD
+    }
+    return run_finetune(flags, kwargs, trainer_class=FSDPOnCPUTrainer)
+
+
 if __name__ == "__main__":
-    alpaca.training.TRAINER_CLASS = FSDPOnCPUTrainer
-    fire.Fire(finetune.train, serialize=lambda _: None)
+    fire.Fire(train, serialize=lambda _: None)
