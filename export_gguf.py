@@ -10,15 +10,14 @@ anything is loaded; the file is written beside the target, read back and compare
 the merged weights, and only then moved into place (so a failed --overwrite keeps the old file).
 """
 
-import os
-
 
 def main(
     base_model: str = "",
     lora_weights: str = "tloen/alpaca-lora-7b",
     output_file: str = "",
     outtype: str = "f16",
-    dtype: str = "fp32",
+    precision: str = "fp32",
+    dtype: str | None = None,
     model_name: str = "",
     overwrite: bool = False,
 ):
@@ -29,18 +28,24 @@ def main(
         lora_weights: LoRA adapter folder or hub id.
         output_file: the .gguf file to write; default ./alpaca-lora-{outtype}.gguf.
         outtype: tensor type in the file: f16 (norms stay f32, as llama.cpp does) or f32.
-        dtype: precision to merge in before conversion: fp32 (default), fp16 or bf16.
+        precision: precision to merge in before conversion: fp32 (default), fp16 or bf16.
+        dtype: older name of --precision, kept so that existing export commands run unchanged.
         model_name: general.name in the file; default derived from the base model's folder name.
         overwrite: replace an existing output_file (only once the new one has passed its checks).
     """
-    from alpaca.export import export_gguf
+    from alpaca.export import export_gguf, precision_or_alias
+    from alpaca.modeling import require_base_model
 
-    base_model = base_model or os.environ.get("BASE_MODEL", "")
-    if not base_model:
-        raise ValueError(
-            "--base_model is required (or set BASE_MODEL), e.g. --base_model=huggyllama/llama-7b"
-        )
-    export_gguf(base_model, lora_weights, output_file or None, outtype, dtype, model_name or None, overwrite)
+    precision = precision_or_alias(precision, dtype, default="fp32")
+    export_gguf(
+        require_base_model(base_model),
+        lora_weights,
+        output_file or None,
+        outtype,
+        precision,
+        model_name or None,
+        overwrite,
+    )
 
 
 if __name__ == "__main__":

@@ -7,37 +7,34 @@ Saves safetensors shards, the tokenizer and the generation config, then reloads 
 its logits to equal the adapter model's (and every adapted layer to have changed); a failure is an error.
 """
 
-import os
-
 
 def main(
     base_model: str = "",
     lora_weights: str = "tloen/alpaca-lora-7b",
     output_dir: str = "./hf_ckpt",
     max_shard_size: str = "400MB",
-    dtype: str = "base",
+    precision: str = "base",
+    dtype: str | None = None,
     overwrite: bool = False,
 ):
     """Export the merged model as a Hugging Face checkpoint.
 
     Args:
-        base_model: base model folder, hub id or .gguf file; defaults to the BASE_MODEL environment variable (as upstream).
+        base_model: base model folder, hub id or .gguf file; defaults to the BASE_MODEL environment variable (as upstream's scripts).
         lora_weights: LoRA adapter folder or hub id.
         output_dir: folder to write; must be empty or absent unless --overwrite.
         max_shard_size: largest safetensors shard, e.g. "400MB", "5GB".
-        dtype: precision to merge and save in: base (default: the base model's own, from its
+        precision: precision to merge and save in: base (default: the base model's own, from its
             config.json), fp32, fp16 (upstream's) or bf16. The self-check refuses a precision
             that rounds the adapter's update away.
+        dtype: older name of --precision, kept so that existing export commands run unchanged.
         overwrite: replace an existing non-empty output_dir (only once the new export has passed its checks).
     """
-    from alpaca.export import export_hf
+    from alpaca.export import export_hf, precision_or_alias
+    from alpaca.modeling import require_base_model
 
-    base_model = base_model or os.environ.get("BASE_MODEL", "")
-    if not base_model:
-        raise ValueError(
-            "--base_model is required (or set BASE_MODEL), e.g. --base_model=huggyllama/llama-7b"
-        )
-    export_hf(base_model, lora_weights, output_dir, max_shard_size, dtype, overwrite)
+    precision = precision_or_alias(precision, dtype, default="base")
+    export_hf(require_base_model(base_model), lora_weights, output_dir, max_shard_size, precision, overwrite)
 
 
 if __name__ == "__main__":

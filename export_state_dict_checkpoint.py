@@ -10,14 +10,13 @@ models, the `tokenizer.json` files for BPE models (Llama 3, SmolLM): the input o
 reference code. For current llama.cpp prefer export_gguf.py.
 """
 
-import os
-
 
 def main(
     base_model: str = "",
     lora_weights: str = "tloen/alpaca-lora-7b",
     output_dir: str = "./ckpt",
-    dtype: str = "base",
+    precision: str = "base",
+    dtype: str | None = None,
     overwrite: bool = False,
 ):
     """Export the merged model in Meta's consolidated.00.pth layout.
@@ -26,19 +25,17 @@ def main(
         base_model: LLaMA base model folder, hub id or .gguf file; defaults to the BASE_MODEL environment variable.
         lora_weights: LoRA adapter folder or hub id.
         output_dir: folder to write; must be empty or absent unless --overwrite.
-        dtype: precision to merge and save in: base (default: the base model's own, from its
+        precision: precision to merge and save in: base (default: the base model's own, from its
             config.json), fp32, fp16 (upstream's) or bf16. The self-check refuses a precision
             that rounds the adapter's update away.
+        dtype: older name of --precision, kept so that existing export commands run unchanged.
         overwrite: replace an existing non-empty output_dir (only once the new export has passed its checks).
     """
-    from alpaca.export import export_meta
+    from alpaca.export import export_meta, precision_or_alias
+    from alpaca.modeling import require_base_model
 
-    base_model = base_model or os.environ.get("BASE_MODEL", "")
-    if not base_model:
-        raise ValueError(
-            "--base_model is required (or set BASE_MODEL), e.g. --base_model=huggyllama/llama-7b"
-        )
-    export_meta(base_model, lora_weights, output_dir, dtype, overwrite)
+    precision = precision_or_alias(precision, dtype, default="base")
+    export_meta(require_base_model(base_model), lora_weights, output_dir, precision, overwrite)
 
 
 if __name__ == "__main__":

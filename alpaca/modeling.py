@@ -153,6 +153,23 @@ def resolve_base_model(path: str, flag: str = "--base_model", log=print) -> tupl
     return path, None
 
 
+MISSING_BASE_MODEL = "--base_model is required (or set BASE_MODEL), e.g. --base_model=huggyllama/llama-7b"
+
+
+def base_model_or_env(base_model: str) -> str:
+    """`--base_model`, else the `BASE_MODEL` environment variable that upstream's scripts read ("" when
+    neither is set)."""
+    return base_model or os.environ.get("BASE_MODEL", "")
+
+
+def require_base_model(base_model: str) -> str:
+    """`base_model_or_env`, or a ValueError saying how to give one."""
+    base_model = base_model_or_env(base_model)
+    if not base_model:
+        raise ValueError(MISSING_BASE_MODEL)
+    return base_model
+
+
 def load_tokenizer(
     path: str, padding_side: str = "right", trust_remote_code: bool = False, add_pad_token: bool = False
 ):

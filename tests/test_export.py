@@ -126,8 +126,19 @@ def test_hf_export_reads_base_model_from_environment(tiny_llama, tiny_llama_adap
     monkeypatch.setenv("BASE_MODEL", tiny_llama)
     import export_hf_checkpoint
 
-    export_hf_checkpoint.main(lora_weights=tiny_llama_adapter, output_dir=str(tmp_path / "env"), dtype="fp32")
-    assert (tmp_path / "env" / "config.json").is_file()
+    export_hf_checkpoint.main(
+        lora_weights=tiny_llama_adapter, output_dir=str(tmp_path / "env"), precision="fp32"
+    )
+    assert json.loads((tmp_path / "env" / "export_info.json").read_text())["dtype"] == "fp32"
+    # --dtype, the older name of --precision, still works; the two may not disagree
+    export_hf_checkpoint.main(
+        lora_weights=tiny_llama_adapter, output_dir=str(tmp_path / "alias"), dtype="fp16"
+    )
+    assert json.loads((tmp_path / "alias" / "export_info.json").read_text())["dtype"] == "fp16"
+    with pytest.raises(ValueError, match="--precision='bf16' and --dtype='fp16' disagree"):
+        export_hf_checkpoint.main(
+            lora_weights=tiny_llama_adapter, output_dir=str(tmp_path / "x"), precision="bf16", dtype="fp16"
+        )
     monkeypatch.delenv("BASE_MODEL")
     with pytest.raises(ValueError, match="BASE_MODEL"):
         export_hf_checkpoint.main(lora_weights=tiny_llama_adapter, output_dir=str(tmp_path / "env2"))
@@ -190,7 +201,7 @@ def test_bad_inputs_are_named(tiny_llama, tiny_opt, tmp_path):
         export_hf(str(tmp_path / "missing"), wrong_shape, out)
     with pytest.raises(ValueError, match="--lora_weights=.*no such folder"):
         export_hf(tiny_llama, str(tmp_path / "missing"), out)
-    with pytest.raises(ValueError, match="--dtype='int8'"):
+    with pytest.raises(ValueError, match="--precision='int8'"):
         export_hf(tiny_llama, wrong_shape, out, dtype="int8")
     # Meta and GGUF layouts exist for LLaMA only
     opt_adapter = make_adapter(tiny_opt, tmp_path / "opt-lora")
@@ -394,9 +405,12 @@ def test_meta_params_for_real_llama_sizes():
 
 def test_scripts_show_typed_flags_and_import_nothing_heavy():
     for script, flags in (
-        ("export_hf_checkpoint.py", ["--base_model", "--max_shard_size", "--dtype", "--overwrite"]),
+        (
+            "export_hf_checkpoint.py",
+            ["--base_model", "--max_shard_size", "--precision", "--dtype", "--overwrite"],
+        ),
         ("export_state_dict_checkpoint.py", ["--base_model", "--lora_weights", "--output_dir"]),
-        ("export_gguf.py", ["--output_file", "--outtype", "--model_name"]),
+        ("export_gguf.py", ["--output_file", "--outtype", "--precision", "--model_name"]),
     ):
         result = subprocess.run(
             [sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
@@ -576,7 +590,7 @@ def test_export_dtype_defaults_to_the_base_and_a_rounded_away_update_is_an_error
     assert info["dtype"] == "fp32"
     assert info["max_logit_diff_saved"] < 0.1 * info["adapter_effect"]
     with pytest.raises(
-        ValueError, match=r"(loses \d+% of the adapter's effect|left .* unchanged).*--dtype=fp32"
+        ValueError, match=r"(loses \d+% of the adapter's effect|left .* unchanged).*--precision=fp32"
     ):
         export_hf(tiny_llama, small, str(tmp_path / "fp16"), dtype="fp16")
     assert not (tmp_path / "fp16").exists()

@@ -132,7 +132,7 @@ def scaled_adapter(adapter: str, out: Path, factor: float) -> str:
 def test_hf_export_fp16_keeps_a_trained_adapter_and_refuses_one_that_rounds_away(
     smollm2, smollm2_adapter, adapter_reference, tmp_path
 ):
-    """An explicit --dtype=fp16 of the fp32 base is honoured while the adapter's effect survives the
+    """An explicit --precision=fp16 of the fp32 base is honoured while the adapter's effect survives the
     rounding; a small update (the issue's 0.09 logits) that fp16 weights round away is refused with the
     dtype to use, and nothing is written."""
     import torch
@@ -141,7 +141,7 @@ def test_hf_export_fp16_keeps_a_trained_adapter_and_refuses_one_that_rounds_away
     effect = float((adapted - base).abs().max())
     out = tmp_path / "fp16"
     info = timed(
-        "export_hf_checkpoint.py --dtype=fp16",
+        "export_hf_checkpoint.py --precision=fp16",
         export_hf,
         smollm2,
         smollm2_adapter,
@@ -155,10 +155,10 @@ def test_hf_export_fp16_keeps_a_trained_adapter_and_refuses_one_that_rounds_away
 
     small = scaled_adapter(smollm2_adapter, tmp_path / "small", 0.09 / effect)
     with pytest.raises(
-        ValueError, match=r"(loses \d+% of the adapter's effect|left .* unchanged).*--dtype=fp32"
+        ValueError, match=r"(loses \d+% of the adapter's effect|left .* unchanged).*--precision=fp32"
     ):
         timed(
-            "export_hf_checkpoint.py --dtype=fp16 (refused)",
+            "export_hf_checkpoint.py --precision=fp16 (refused)",
             export_hf,
             smollm2,
             small,

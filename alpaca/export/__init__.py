@@ -25,6 +25,7 @@ from alpaca.export.core import (
     ExportInputs,
     MergedModel,
     load_and_merge,
+    precision_or_alias,
     resolve_export_inputs,
 )
 from alpaca.export.gguf import GGUF_OUTTYPES, export_gguf
@@ -43,5 +44,6 @@ __all__ = [
     "load_and_merge",
     "meta_ffn_params",
     "meta_params",
+    "precision_or_alias",
     "resolve_export_inputs",
 ]

@@ -127,7 +127,7 @@ def check_logits_match(
     dtype_name: str,
     what: str,
     adapter_effect: float,
-    remedy: str = "Export with --dtype=fp32 (or --dtype=base, the base's own precision)",
+    remedy: str = "Export with --precision=fp32 (or --precision=base, the base's own precision)",
 ) -> float:
     """Raise unless `candidate` logits equal `reference` within the dtype's rounding and within a small
     share of the adapter's own effect (`adapter_effect`: max |adapter model - base| logits); return the
@@ -165,15 +165,28 @@ def check_weights_changed(model, before: dict) -> None:
         if tensor_sha256(state[name]) == digest:
             raise ValueError(
                 f"self-check failed: merging left {name} unchanged; the adapter's update is zero "
-                "(an untrained adapter?) or too small for this precision (try --dtype=fp32)"
+                "(an untrained adapter?) or too small for this precision (try --precision=fp32)"
             )
 
 
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPE_CHOICES:
         raise ValueError(
-            f"--dtype={dtype!r}: choose one of {DTYPE_CHOICES} (base: the base model's own precision)"
+            f"--precision={dtype!r}: choose one of {DTYPE_CHOICES} (base: the base model's own precision)"
         )
+
+
+def precision_or_alias(precision: str, dtype: str | None, default: str) -> str:
+    """The export precision from `--precision`, or from `--dtype`, its older name (the word the other
+    scripts use is `--precision`; `--dtype` keeps existing export commands working)."""
+    if dtype is None or dtype == precision:
+        return precision
+    if precision != default:
+        raise ValueError(
+            f"--precision={precision!r} and --dtype={dtype!r} disagree: --dtype is the older name of "
+            "--precision; give only one"
+        )
+    return dtype
 
 
 def base_dtype_name(config) -> str:
