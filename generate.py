@@ -16,7 +16,6 @@ See docs/generate.md for every flag.
 from __future__ import annotations
 
 import json
-import os
 
 
 def main(
@@ -94,8 +93,9 @@ def main(
         make_settings,
         parse_stop_strings,
     )
+    from alpaca.modeling import base_model_or_env
 
-    base_model = base_model or os.environ.get("BASE_MODEL", "")
+    base_model = base_model_or_env(base_model)
     check_flags(
         base_model,
         input_file,
@@ -167,9 +167,11 @@ def check_flags(
     server_port,
 ) -> None:
     """Collect every problem with the flags into one ValueError."""
+    from alpaca.modeling import MISSING_BASE_MODEL
+
     problems = []
     if not base_model:
-        problems.append("--base_model is required (or set BASE_MODEL), e.g. --base_model=huggyllama/llama-7b")
+        problems.append(MISSING_BASE_MODEL)
     if bool(input_file) != bool(output_file):
         problems.append("batch mode needs both --input_file and --output_file")
     if batch_size < 1:
