@@ -10,12 +10,16 @@
     python generate.py --base_model=... --lora_weights=... --input_file=instructions.json \
         --output_file=outputs.json --batch_size=8 --temperature=0 --num_beams=1   # greedy
 
+    # an OpenAI-compatible API on http://127.0.0.1:8000/v1, requests batched together (docs/api.md)
+    python generate.py --api --base_model=... --lora_weights=... --server_port=8000
+
 See docs/generate.md for every flag.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 
 def main(
@@ -47,6 +51,13 @@ def main(
     batch_size: int = 8,
     generator: str = "",
     stop: str | None = None,
+    api: bool = False,
+    api_key: str = "",
+    chat_format: str = "template",
+    served_model_name: str = "",
+    max_batch_size: int = 8,
+    max_wait_ms: float = 20.0,
+    num_threads: int = 0,
 ):
     """Serve the Alpaca-LoRA page, or with --input_file/--output_file, generate in batch mode.
 
@@ -84,6 +95,17 @@ def main(
         stop: comma-separated stop strings (\\n for a newline): generation stops at the first one and the
             reply is cut before it. Default: the template's next-turn markers ("### Instruction:",
             "### Input:", "### Response:", ...); --stop="" turns stopping off.
+        api: serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) on
+            --server_name:--server_port instead of the page; requests in flight are batched (docs/api.md).
+        api_key: with --api: the key clients must send as "Authorization: Bearer KEY"; defaults to
+            $ALPACA_API_KEY; none set serves without a key.
+        chat_format: with --api: "template" puts chat turns into the prompt template (system message ->
+            instruction, user message -> input); "tokenizer" uses the tokenizer's chat template.
+        served_model_name: with --api: the model id in /v1/models; default: the model's label.
+        max_batch_size: with --api: the most sequences generated together.
+        max_wait_ms: with --api: how long a request may wait for others expected to join its batch.
+        num_threads: torch CPU threads; 0 chooses: $OMP_NUM_THREADS when set, else the usable physical
+            cores (docs/performance.md).
     """
     from alpaca.batch import check_output_file, read_finished, read_instructions, run_batch
     from alpaca.generation import (
@@ -113,7 +135,13 @@ def main(
     batch_mode = bool(input_file)
     # Fail on a malformed input file, an unusable output file, --auth or a busy port before the slow
     # model load.
-    if batch_mode:
+    if api:
+        from alpaca.serving.server import check_api_flags, serve_api, start_api
+
+        check_api_flags(chat_format, max_batch_size, max_wait_ms, input_file, served_model_name)
+        # Bound before the load: a busy port fails now, and clients get 503 while the model loads.
+        api_server = start_api(server_name, server_port, api_key, limits)
+    elif batch_mode:
         check_output_file(output_file)
         read_finished(output_file, read_instructions(input_file))
     else:
@@ -121,11 +149,14 @@ def main(
 
         auth_pair = parse_auth(auth)
         check_port_free(server_name, server_port)
+    from alpaca.threads import set_num_threads
+
+    set_num_threads(num_threads, log=lambda message: print(message, file=sys.stderr))
     generators = load_generators(
         base_model,
         lora_weights=lora_weights,
-        compare_lora_weights="" if batch_mode else compare_lora_weights,
-        compare_base_models="" if batch_mode else compare_base_models,
+        compare_lora_weights="" if batch_mode or api else compare_lora_weights,
+        compare_base_models="" if batch_mode or api else compare_base_models,
         prompt_template=prompt_template,
         load_8bit=load_8bit,
         load_4bit=load_4bit,
@@ -138,6 +169,18 @@ def main(
     if batch_mode:
         run_batch(generators[0], input_file, output_file, settings, batch_size, generator)
         print(f"wrote {output_file}")
+        return None
+    if api:
+        serve_api(
+            api_server,
+            generators[0],
+            max_new_tokens,
+            chat_format,
+            served_model_name,
+            max_batch_size,
+            max_queue_size,
+            max_wait_ms,
+        )
         return None
 
     demo = build_demo(generators, settings, limits)
