@@ -5,10 +5,14 @@ import asyncio
 import http.client
 import io
 import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +22,7 @@ from alpaca.serving.server import ApiServer, launch_api
 
 openai = pytest.importorskip("openai")
 
+REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "tiny-alpaca"
 RECORDS = [
     {"instruction": "Tell me about alpacas."},
@@ -384,3 +389,74 @@ def test_the_key_is_required_when_set_and_never_logged(generator, caplog):
         and '"POST /v1/completions HTTP/1.1" 200' in caplog.text
     )
     assert key not in caplog.text
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_generate_py_api_binds_loopback_requires_the_key_and_never_logs_it(tiny_llama, tmp_path):
+    """The real command line: `generate.py --api` with the key in ALPACA_API_KEY, stopped with Ctrl-C."""
+    key = "sk-local-SECRET-9876"
+    port = free_port()
+    log = open(tmp_path / "server.log", "w+")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "generate.py"),
+            "--api",
+            f"--base_model={tiny_llama}",
+            "--lora_weights=",
+            f"--server_port={port}",
+            "--served_model_name=tiny",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "ALPACA_API_KEY": key},
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def curl(*args) -> tuple[str, str]:
+            result = subprocess.run(
+                ["curl", "-s", "-w", "\n%{http_code}", *args], capture_output=True, text=True
+            )
+            body, _, status = result.stdout.rpartition("\n")
+            return status, body
+
+        wait_until(lambda: curl(f"{base}/health") == ("200", '{"status": "ok"}'), timeout_s=60)
+        status, body = curl(f"{base}/v1/models")
+        assert status == "401" and json.loads(body)["error"]["code"] == "invalid_api_key"
+        chat = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        status, body = curl("-H", f"Authorization: Bearer {key}", "-d", chat, f"{base}/v1/chat/completions")
+        assert status == "200" and json.loads(body)["usage"]["completion_tokens"] == 4
+        listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout
+        assert {
+            line.split()[3] for line in listening.splitlines() if line.split()[3].endswith(f":{port}")
+        } == {f"127.0.0.1:{port}"}
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+        log.close()
+    output = (tmp_path / "server.log").read_text()
+    assert '"GET /v1/models HTTP/1.1" 401' in output and '"POST /v1/chat/completions HTTP/1.1" 200' in output
+    assert key not in output
+
+
+def test_api_flag_mistakes_are_named(tiny_llama):
+    import generate
+
+    with pytest.raises(
+        ValueError, match="--chat_format must be one of template, tokenizer.*--max_batch_size"
+    ):
+        generate.main(
+            base_model=tiny_llama, lora_weights="", api=True, chat_format="chatml", max_batch_size=0
+        )
+    with pytest.raises(
+        ValueError, match="--chat_format=tokenizer: the tokenizer of --base_model has no chat"
+    ):
+        generate.main(
+            base_model=tiny_llama, lora_weights="", api=True, chat_format="tokenizer", server_port=free_port()
+        )

@@ -21,7 +21,13 @@ from urllib.parse import unquote
 
 from alpaca.generation import GenerationLimits, ResponseGenerator, max_input_chars
 from alpaca.serving.batching import BatchScheduler, QueueFull
-from alpaca.serving.openai_protocol import APIError, OpenAIBackend, ServingConfig, new_request_id
+from alpaca.serving.openai_protocol import (
+    CHAT_FORMATS,
+    APIError,
+    OpenAIBackend,
+    ServingConfig,
+    new_request_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +131,66 @@ def launch_api(
     return server
 
 
-def serve_forever(server: ApiServer) -> None:
-    """Block until Ctrl-C, then stop the server."""
+def check_api_flags(
+    chat_format: str,
+    max_batch_size: int,
+    max_wait_ms: float,
+    input_file: str = "",
+    served_model_name: str = "",
+) -> None:
+    """Collect every problem with the API's flags into one ValueError (before the model loads)."""
+    problems = []
+    if chat_format not in CHAT_FORMATS:
+        problems.append(f"--chat_format must be one of {', '.join(CHAT_FORMATS)}, got {chat_format!r}")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        problems.append(f"--max_batch_size must be a whole number of at least 1, got {max_batch_size!r}")
+    if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, int | float) or max_wait_ms < 0:
+        problems.append(f"--max_wait_ms must be a number of milliseconds, 0 or more, got {max_wait_ms!r}")
+    if input_file:
+        problems.append("--api serves requests; --input_file is batch mode: choose one")
+    if not isinstance(served_model_name, str):
+        problems.append(f"--served_model_name must be text, got {served_model_name!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def start_api(server_name: str, server_port: int, api_key: str, limits: GenerationLimits) -> ApiServer:
+    """Bind the API's port before the model loads (requests get 503 until `serve_api`); a busy port
+    is an error now rather than after a long load."""
+    return ApiServer(server_name, server_port, resolve_api_key(api_key), request_body_limit(limits))
+
+
+def serve_api(
+    server: ApiServer,
+    generator: ResponseGenerator,
+    default_max_tokens: int = 128,
+    chat_format: str = "template",
+    served_model_name: str = "",
+    max_batch_size: int = 8,
+    max_queue_size: int = 64,
+    max_wait_ms: float = 20.0,
+) -> None:
+    """Serve `generator` on `server` until Ctrl-C, logging each request line and status to stderr."""
+    try:
+        launch_api(
+            generator,
+            server,
+            model_id=served_model_name,
+            chat_format=chat_format,
+            default_max_tokens=default_max_tokens,
+            max_batch_size=max_batch_size,
+            max_queue_size=max_queue_size,
+            max_wait_ms=max_wait_ms,
+        )
+    except ValueError:
+        server.close()
+        raise
+    log = logging.getLogger("alpaca.serving")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     print(
         f"OpenAI-compatible API on {server.base_url} serving {server.backend.config.model_id!r}", flush=True
     )
