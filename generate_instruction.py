@@ -76,9 +76,9 @@ def generate_instruction_following_data(
     """
     settings = dict(locals())
     from alpaca.selfinstruct.client import APIFailure
-    from alpaca.selfinstruct.pipeline import GenerationConfig, GenerationStalled, generate
+    from alpaca.selfinstruct.pipeline import GenerationStalled, SelfInstructConfig, generate
 
-    config = GenerationConfig(**settings)
+    config = SelfInstructConfig(**settings)
     try:
         generate(config)
     except GenerationStalled as error:

@@ -33,26 +33,15 @@ SAMPLE_DATA = REPO / "data" / "alpaca_sample.json"
 HELD_OUT_EVERY = 8
 TEMPLATE = "alpaca"
 
-# The short run, chosen on this data with a 2-core CPU in mind: 2 epochs of ~105 records, 26 optimizer
-# steps. A high LoRA rate on every linear layer learns the format (answer, then EOS) in that budget;
-# the prompt is masked so every trained token is answer or EOS.
-FINETUNE_FLAGS = {
-    "batch_size": 8,
-    "micro_batch_size": 8,
-    "num_epochs": 2,
-    "learning_rate": 1e-3,
-    "warmup_steps": 2,
-    "cutoff_len": 256,
-    "val_set_size": 0,
-    "train_on_inputs": False,
-    "lora_r": 16,
-    "lora_alpha": 32,
-    "lora_target_modules": "all-linear",
-    "packing": True,
-    "logging_steps": 2,
-    "save_steps": 1000,
-    "seed": 42,
-}
+# The short run's flags live in configs/smollm2_demo.yaml (each value's reason is in its comments), so
+# `finetune.py --config=configs/smollm2_demo.yaml` by hand runs what the demo runs.
+DEMO_CONFIG = REPO / "configs" / "smollm2_demo.yaml"
+
+
+def finetune_flags() -> dict:
+    from alpaca.cli import load_config_file
+
+    return load_config_file(str(DEMO_CONFIG))
 
 
 @dataclass
@@ -75,7 +64,7 @@ def split_records(records: list[dict], every: int = HELD_OUT_EVERY) -> tuple[lis
 
 
 def finetune_command(base_model: str, data_path: Path, output_dir: Path, precision: str) -> list[str]:
-    flags = dict(FINETUNE_FLAGS, precision=precision)
+    flags = dict(finetune_flags(), precision=precision)
     command = [sys.executable, str(REPO / "finetune.py"), f"--base_model={base_model}"]
     command += [f"--data_path={data_path}", f"--output_dir={output_dir}", "--overwrite"]
     command += [f"--{key}={value}" for key, value in flags.items()]
@@ -119,7 +108,7 @@ def answer_and_score(model, tokenizer, held_out: list[dict], adapter: str | None
         replies += generator.generate_replies(requests[start : start + 8], settings)
     answers = [describe_answer(r.text, max_new_tokens, r.num_tokens, stops) for r in replies]
     with generator._adapter_context():
-        loss = response_loss(model, tokenizer, held_out, prompter, cutoff_len=FINETUNE_FLAGS["cutoff_len"])
+        loss = response_loss(model, tokenizer, held_out, prompter, cutoff_len=finetune_flags()["cutoff_len"])
     return answers, loss
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from alpaca.selfinstruct.pipeline import GenerationConfig, generate  # noqa: E402
+from alpaca.selfinstruct.pipeline import SelfInstructConfig, generate  # noqa: E402
 from alpaca.selfinstruct.scripted_server import ScriptedOpenAIServer, synthetic_responder  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def run(
     concurrency: int, latency_s: float, num_instructions: int, output_dir: Path
 ) -> tuple[float, dict, list]:
     with ScriptedOpenAIServer(synthetic_responder, latency_s=latency_s) as server:
-        config = GenerationConfig(
+        config = SelfInstructConfig(
             output_dir=str(output_dir),
             seed_tasks_path=str(REPO / "data" / "seed_tasks_sample.jsonl"),
             num_instructions_to_generate=num_instructions,

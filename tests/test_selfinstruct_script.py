@@ -16,7 +16,7 @@ from rouge_score import rouge_scorer
 import generate_instruction
 from alpaca.selfinstruct import pipeline
 from alpaca.selfinstruct.journal import JOURNAL_NAME
-from alpaca.selfinstruct.pipeline import GenerationConfig, build_prompt
+from alpaca.selfinstruct.pipeline import SelfInstructConfig, build_prompt
 from alpaca.selfinstruct.scripted_server import (
     DropConnection,
     RawReply,
@@ -40,7 +40,7 @@ def api_key(monkeypatch):
 
 
 def prompt_of(request_index: int, **settings) -> str:
-    config = GenerationConfig(**settings)
+    config = SelfInstructConfig(**settings)
     return build_prompt(config, SEED, request_index, load_seed_tasks(SEED_FILE))
 
 

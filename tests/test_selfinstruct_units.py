@@ -9,7 +9,7 @@ from alpaca.selfinstruct.cost import CostMeter, resolve_prices
 from alpaca.selfinstruct.filters import BLACKLIST, rejection_reason
 from alpaca.selfinstruct.journal import Journal
 from alpaca.selfinstruct.parsing import parse_reply
-from alpaca.selfinstruct.pipeline import GenerationConfig, generate
+from alpaca.selfinstruct.pipeline import SelfInstructConfig, generate
 from alpaca.selfinstruct.seeds import load_seed_tasks
 
 
@@ -138,7 +138,7 @@ def test_seed_file_errors_name_the_file_and_line(tmp_path):
 
 
 def test_invalid_settings_are_reported_together(tmp_path):
-    config = GenerationConfig(
+    config = SelfInstructConfig(
         output_dir=str(tmp_path),
         api="grpc",
         num_prompt_instructions=0,

@@ -47,7 +47,7 @@ class GenerationStalled(RuntimeError):
 
 
 @dataclass
-class GenerationConfig:
+class SelfInstructConfig:
     """Every setting of a run (see ``generate_instruction.py`` for what each one means)."""
 
     output_dir: str = "./"
@@ -194,7 +194,7 @@ class RunState:
     batch_started: float = 0.0
 
 
-def generate(config: GenerationConfig) -> dict:
+def generate(config: SelfInstructConfig) -> dict:
     """Run self-instruct generation to ``config``'s target and return the run summary.
 
     Raises:
@@ -269,7 +269,7 @@ def resolve_seed(requested: int | None, previous: JournalState) -> int:
     return requested
 
 
-def save_config(config: GenerationConfig, seed: int) -> None:
+def save_config(config: SelfInstructConfig, seed: int) -> None:
     """Print the resolved settings once and save them next to the output (there is no key in them)."""
     resolved = dataclasses.asdict(config) | {
         "seed": seed,
@@ -283,7 +283,7 @@ def save_config(config: GenerationConfig, seed: int) -> None:
 
 
 def build_prompt(
-    config: GenerationConfig,
+    config: SelfInstructConfig,
     seed: int,
     request_index: int,
     seed_examples: list[dict],
@@ -314,7 +314,7 @@ def api_seed(seed: int, request_index: int) -> int:
     return random.Random(f"api:{seed}:{request_index}").randrange(2**31)
 
 
-def should_stop(config: GenerationConfig, state: RunState) -> bool:
+def should_stop(config: SelfInstructConfig, state: RunState) -> bool:
     """Upstream checked the target between batches of ``request_batch_size`` requests; so do we
     (batches are fixed ranges of request indices, so a resumed run stops where an unbroken one would).
     Requests that keep nothing are counted in a row, so a run whose every reply is a duplicate ends."""
@@ -338,12 +338,12 @@ def should_stop(config: GenerationConfig, state: RunState) -> bool:
     return False
 
 
-def request_hash(config: GenerationConfig, prompt: str) -> str:
+def request_hash(config: SelfInstructConfig, prompt: str) -> str:
     """What a stored reply answered: the endpoint, the model and the prompt."""
     return hashlib.sha256(json.dumps([config.api, config.model_name, prompt]).encode("utf-8")).hexdigest()
 
 
-def worst_case_usd(config: GenerationConfig, meter: CostMeter, prompt: str) -> float | None:
+def worst_case_usd(config: SelfInstructConfig, meter: CostMeter, prompt: str) -> float | None:
     """The most one request can be billed: its prompt and a full ``--max_tokens`` reply.
 
     Every current tokenizer spends at least one UTF-8 byte per token of text, so the bytes of the
@@ -354,7 +354,7 @@ def worst_case_usd(config: GenerationConfig, meter: CostMeter, prompt: str) -> f
     return meter.request_cost(prompt_tokens, config.max_tokens)
 
 
-def fits_the_cap(config: GenerationConfig, state: RunState, worst_usd: float | None) -> bool:
+def fits_the_cap(config: SelfInstructConfig, state: RunState, worst_usd: float | None) -> bool:
     """Whether a request costing up to ``worst_usd`` can be sent with the cap holding for all in flight."""
     if config.max_cost_usd is None or worst_usd is None:
         return True
@@ -362,7 +362,7 @@ def fits_the_cap(config: GenerationConfig, state: RunState, worst_usd: float | N
 
 
 def stored_reply(
-    config: GenerationConfig, state: RunState, request_index: int, prompt: str
+    config: SelfInstructConfig, state: RunState, request_index: int, prompt: str
 ) -> CompletionReply | None:
     """The reply an earlier run paid for, when it answered this very prompt with this model and endpoint."""
     entry = state.stored_replies.pop(request_index, None)
@@ -545,7 +545,7 @@ def apply_reply(
         state.batch_started = time.monotonic()
 
 
-def build_summary(config: GenerationConfig, seed: int, state: RunState) -> dict:
+def build_summary(config: SelfInstructConfig, seed: int, state: RunState) -> dict:
     """Totals over every run in this folder, plus this run's own counters."""
     from alpaca.selfinstruct.filters import FILTER_NAMES
 

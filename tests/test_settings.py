@@ -1,0 +1,156 @@
+"""One source of truth for the settings: finetune.py's and generate_instruction.py's signatures, their
+--help and the settings dataclasses agree; per-mode defaults; a mistyped flag fails before loading."""
+
+import dataclasses
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import finetune
+import generate_instruction
+from alpaca.finetune_settings import (
+    FinetuneConfig,
+    flag_defaults,
+    flag_fields,
+    mode_defaults,
+    resolve_config,
+)
+from alpaca.selfinstruct.pipeline import SelfInstructConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def script_help(script: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "PAGER": "cat", "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return " ".join((result.stdout + result.stderr).split())  # fire wraps lines: compare word by word
+
+
+def test_finetune_signature_is_the_settings_table():
+    parameters = inspect.signature(finetune.train).parameters
+    flags = {name: p.default for name, p in parameters.items() if p.kind is not p.VAR_KEYWORD}
+    assert list(flags) == list(flag_defaults()), "same flags, same order"
+    assert flags == flag_defaults()
+    # the derived fields are not flags
+    derived = {f.name for f in dataclasses.fields(FinetuneConfig)} - set(flags)
+    assert derived == {"gradient_accumulation_steps", "world_size", "extra_training_args", "sources"}
+
+
+def test_finetune_help_shows_every_setting_help_line():
+    text = script_help("finetune.py")
+    for spec in flag_fields():
+        assert f"--{spec.name}" in text, spec.name
+        assert " ".join(spec.metadata["help"].split()) in text, spec.name
+
+
+def test_mode_dependent_defaults_come_from_one_table():
+    lora, full = mode_defaults(True), mode_defaults(False)
+    assert set(lora) == set(full)
+    assert lora["learning_rate"] == 3e-4 and full["learning_rate"] == 2e-5
+    assert lora["prompt_template_name"] == "alpaca" and full["prompt_template_name"] == "alpaca_legacy"
+    # each mode-dependent flag shows None in the signature: "the mode decides"
+    assert all(flag_defaults()[name] is None for name in lora)
+
+
+def test_full_fine_tuning_defaults_to_stanfords_exact_prompt(tiny_llama):
+    base = {"base_model": tiny_llama, "data_path": "d.json", "output_dir": "o", "batch_size": 8}
+    full = resolve_config(dict(base, use_lora=False), {})
+    assert full.prompt_template_name == "alpaca_legacy"
+    assert full.sources["prompt_template_name"] == "default (Stanford Alpaca recipe)"
+    lora = resolve_config(base, {})
+    assert lora.prompt_template_name == "alpaca"
+    assert lora.sources["prompt_template_name"] == "default (Alpaca-LoRA)"
+    chosen = resolve_config(dict(base, use_lora=False, prompt_template_name="alpaca"), {})
+    assert chosen.prompt_template_name == "alpaca" and chosen.sources["prompt_template_name"] == "flag"
+
+
+def test_resolved_values_take_the_table_defaults_and_types(tiny_llama):
+    config = resolve_config({"base_model": tiny_llama}, {})
+    for name, default in flag_defaults().items():
+        if default is None or name in ("lora_target_modules", "base_model"):
+            continue
+        assert getattr(config, name) == default, name
+    assert config.lora_target_modules == ["q_proj", "v_proj"] and config.report_to == ["none"]
+    assert isinstance(config.warmup_steps, float) and isinstance(config.num_epochs, float)
+    assert config.micro_batch_size == 4 and config.gradient_accumulation_steps == 32
+
+
+def test_a_mistyped_flag_fails_before_the_model_loads(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "finetune.py", f"--base_model={tiny_llama}", "--data_path=x.json"]
+        + [f"--output_dir={out}", "--lora_rr=16", "--lerning_rate=1e-4"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("finetune.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--lora_rr is not a flag of finetune.py nor a transformers TrainingArguments field" in errors[0]
+    assert "did you mean --lora_r?" in errors[0]
+    assert "--lerning_rate" in errors[0] and "did you mean --learning_rate?" in errors[0]
+    assert not out.exists()
+
+
+def test_pass_through_training_arguments_and_mapped_names_are_accepted(tiny_llama):
+    extra = {"optim": "adamw_torch", "tf32": False, "evaluation_strategy": "no", "warmup_ratio": 0.1}
+    config = resolve_config({"base_model": tiny_llama}, extra)
+    assert config.extra_training_args == {"optim": "adamw_torch", "tf32": False, "eval_strategy": "no"}
+    assert config.warmup_steps == 0.1
+
+
+def test_generate_instruction_signature_and_help_are_the_dataclass():
+    parameters = inspect.signature(generate_instruction.generate_instruction_following_data).parameters
+    fields = dataclasses.fields(SelfInstructConfig)
+    assert [p for p in parameters] == [f.name for f in fields]
+    assert {name: p.default for name, p in parameters.items()} == {f.name: f.default for f in fields}
+    documented = inspect.getdoc(generate_instruction.generate_instruction_following_data).split("Args:")[1]
+    documented_names = [line.split(":")[0].strip() for line in documented.splitlines() if ": " in line]
+    assert documented_names == [f.name for f in fields]
+    text = script_help("generate_instruction.py")
+    for spec in fields:
+        assert f"--{spec.name}" in text, spec.name
+
+
+def test_run_config_replays_the_settings(tiny_llama, tmp_path):
+    """`finetune.py --config=OUT/run_config.json` resolves to the run's own settings (report keys
+    ignored, pass-through flags restored), and a flag on the command line wins."""
+    from alpaca.cli import apply_config_file
+    from alpaca.finetune_settings import accepted_keys, settings_from_run_config
+
+    saved = resolve_config(
+        {"base_model": tiny_llama, "data_path": "d.json", "output_dir": str(tmp_path / "a")},
+        {"optim": "sgd", "per_device_train_batch_size": 2},
+    ).to_dict()
+    saved.update(command="python finetune.py ...", data_report={"train_examples": 3}, optimizer_steps=1)
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps(saved))
+    argv = apply_config_file(
+        [f"--config={path}", "--output_dir=elsewhere"],
+        finetune.train,
+        known_keys=accepted_keys,
+        read_config=settings_from_run_config,
+    )
+    assert "--output_dir=elsewhere" in argv and f"--output_dir={str(tmp_path / 'a')!r}" not in argv
+    parsed = {}
+    import fire
+
+    fire.Fire(lambda **kw: parsed.update(kw), command=argv)
+    flags = {k: v for k, v in parsed.items() if k in flag_defaults()}
+    extra = {k: v for k, v in parsed.items() if k not in flag_defaults()}
+    replayed = resolve_config(flags, extra).to_dict()
+    for key in ("output_dir", "sources", "command", "data_report", "optimizer_steps"):
+        saved.pop(key, None), replayed.pop(key, None)
+    assert replayed == saved
