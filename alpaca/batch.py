@@ -10,45 +10,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alpaca.files import write_json_atomic
+from alpaca.files import read_json_values, write_json_atomic
 from alpaca.generation import DecodingSettings, ResponseGenerator
 
 
 def read_instructions(input_file: str) -> list[dict]:
-    """Read and check the records of a JSON list or a JSONL file (`instruction`, optional `input`).
+    """Read and check the records of a JSON list or a JSONL file (`instruction`, optional `input`),
+    detected as for training data (`alpaca.files.read_json_values`).
 
     Raises a ValueError naming the file and the record (JSON list index, or JSONL line) at fault.
     """
     path = Path(input_file).expanduser()
     if not path.is_file():
         raise ValueError(f"--input_file={input_file!r}: no such file")
-    text = read_utf8(path, f"--input_file={input_file!r}")
-    stripped = text.lstrip()
-    if not stripped:
-        raise ValueError(f"--input_file={input_file!r} is empty")
-    if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--input_file={input_file!r} is not valid JSON: {err}") from err
-        where = [f"record {index}" for index in range(len(records))]
-    else:
-        records, where = [], []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"--input_file={input_file!r}, line {line_number}: not valid JSON ({err})"
-                ) from err
-            where.append(f"record {len(records) - 1} (line {line_number})")
-    for record, place in zip(records, where):
-        check_record(record, f"--input_file={input_file!r}, {place}")
-    if not records:
-        raise ValueError(f"--input_file={input_file!r} holds no records")
-    return records
+    flag = f"--input_file={input_file!r}"
+    values = read_json_values(path, flag)
+    for index, (record, line) in enumerate(values):
+        place = f"record {index}" if line is None else f"record {index} (line {line})"
+        check_record(record, f"{flag}, {place}")
+    if not values:
+        raise ValueError(f"{flag} holds no records")
+    return [record for record, _ in values]
 
 
 def read_utf8(path: Path, flag: str) -> str:

@@ -1,4 +1,5 @@
-"""Writing result files so that a crash never leaves half of one."""
+"""Reading JSON / JSONL record files with one detection rule, and writing result files so that a
+crash never leaves half of one; header checks of weight files."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def write_json_atomic(path: str | Path, data, indent: int = 2, ensure_ascii: boo
         raise
 
 
-def _parse_json(text: str, where: str):
-    """json.loads with every failure turned into a ValueError that says where.
+def _parse_json(text: str, what: str, line: int | None = None):
+    """json.loads with every failure turned into a ValueError that says where (`line`: the JSONL line).
 
     Besides syntax errors, Python's parser raises RecursionError on deeply nested arrays and a bare
     ValueError for an integer longer than `sys.get_int_max_str_digits()` (4,300 digits); neither names
@@ -36,21 +37,32 @@ def _parse_json(text: str, where: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
+        if line is not None:
+            raise ValueError(f"{what} line {line}: not valid JSON (column {err.colno}: {err.msg})") from err
         raise ValueError(
-            f"{where} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+            f"{what} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
         ) from err
     except RecursionError as err:
-        raise ValueError(f"{where} is nested too deeply to be read as JSON") from err
+        if line is not None:
+            raise ValueError(f"{what} line {line}: JSON nested too deeply") from err
+        raise ValueError(f"{what} is nested too deeply to be read as JSON") from err
     except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
-        raise ValueError(f"{where} cannot be read as JSON: {err}") from err
+        if line is not None:
+            raise ValueError(f"{what} line {line}: not valid JSON ({err})") from err
+        raise ValueError(f"{what} cannot be read as JSON: {err}") from err
 
 
-def read_json_records(path: str | Path, what: str) -> list:
-    """The records of a JSON list or a JSONL file, told apart by content, not by the file's name.
+def read_json_values(
+    path: str | Path, what: str, allow_empty: bool = False
+) -> list[tuple[object, int | None]]:
+    """`(value, line)` for each record of a JSON list or a JSONL file, told apart by content, not by the
+    file's name; `line` is the JSONL line number (None for a JSON list), for the caller's messages.
 
-    A document starting with `[` is a JSON list; one that parses whole as an object holding a `train`
-    list gives that list; anything else is read as JSONL (one JSON value per non-blank line), so a
-    JSONL file named `.json` works. `what` names the file in errors (e.g. `data file 'x.json'`).
+    The one rule, for training data, batch input, evaluation outputs and seed tasks alike: a document
+    starting with `[` is a JSON list; one that parses whole as an object holding a `train` list gives
+    that list; anything else is read as JSONL (one JSON value per non-blank line), so a JSONL file named
+    `.json` works and so does a JSON list named `.jsonl`. `what` names the file in errors (e.g.
+    `data file 'x.json'`); an empty file is an error unless `allow_empty`.
     """
     raw = Path(path).read_bytes()
     try:
@@ -62,23 +74,31 @@ def read_json_records(path: str | Path, what: str) -> list:
         ) from err
     stripped = text.lstrip()
     if not stripped:
+        if allow_empty:
+            return []
         raise ValueError(f"{what} is empty: it needs a JSON list of records or JSONL (one record a line)")
     if stripped.startswith("["):
-        return _parse_json(text, what)
+        return [(value, None) for value in _parse_json(text, what)]
     if stripped.startswith("{"):
         try:
             whole = json.loads(text)
         except (ValueError, RecursionError):
             whole = None
         if isinstance(whole, dict) and isinstance(whole.get("train"), list):
-            return whole["train"]
-        if isinstance(whole, dict) and len([ln for ln in text.splitlines() if ln.strip()]) > 1:
+            return [(value, None) for value in whole["train"]]
+        if isinstance(whole, dict) and len([ln for ln in text.split("\n") if ln.strip()]) > 1:
             raise ValueError(f"{what} holds one JSON object; give a JSON list of records or JSONL")
-    records = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            records.append(_parse_json(line, f"{what} line {line_no}"))
-    return records
+    return [
+        (_parse_json(line, what, line_no), line_no)
+        # split on newlines only: str.splitlines also splits on U+2028 and others, which JSON strings may hold
+        for line_no, line in enumerate(text.split("\n"), start=1)
+        if line.strip()
+    ]
+
+
+def read_json_records(path: str | Path, what: str) -> list:
+    """The records of a JSON list or a JSONL file (see `read_json_values` for the detection rule)."""
+    return [value for value, _ in read_json_values(path, what)]
 
 
 def safetensors_problem(path: str | Path) -> str | None:

@@ -414,7 +414,9 @@ def test_malformed_input_files_name_the_record(tmp_path, content, message):
 def test_input_that_is_not_utf8_names_the_file(tmp_path):
     path = tmp_path / "latin1.json"
     path.write_bytes('[{"instruction": "Caf\u00e9"}]'.encode("latin-1"))
-    with pytest.raises(ValueError, match=r"--input_file='.*latin1.json' is not UTF-8 text \(byte 21"):
+    with pytest.raises(
+        ValueError, match=r"--input_file='.*latin1.json' is not valid UTF-8 \(byte 21, line 1\)"
+    ):
         read_instructions(str(path))
 
 

@@ -458,7 +458,7 @@ def seed_line(**overrides) -> bytes:
         ("output_dir_is_a_file", r"--output_dir '.*notes\.txt': .*notes\.txt is a file, not a folder"),
         ("output_dir_under_a_file", r"--output_dir '.*notes\.txt/run': .*notes\.txt is a file, not a folder"),
         ("count_not_a_number", r"--num_instructions_to_generate must be a whole number, not 'abc'"),
-        ("invalid_utf8", r"seeds\.jsonl line 2: not valid UTF-8 \(byte 0xff at column 20\)"),
+        ("invalid_utf8", r"seeds\.jsonl is not valid UTF-8 \(byte \d+, line 2\)"),
         ("deeply_nested", r"seeds\.jsonl line 2: JSON nested too deeply"),
         ("huge_integer", r"seeds\.jsonl line 2: not valid JSON \(Exceeds the limit \(4300 digits\)"),
     ],

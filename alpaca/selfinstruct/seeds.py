@@ -1,7 +1,8 @@
 """Load and validate the seed tasks (Stanford's ``seed_tasks.jsonl`` format)."""
 
-import json
 from pathlib import Path
+
+from alpaca.files import read_json_values
 
 
 def load_seed_tasks(path: str) -> list[dict]:
@@ -9,6 +10,8 @@ def load_seed_tasks(path: str) -> list[dict]:
 
     Each line is a JSON object with ``instruction`` and ``instances`` (a list of ``{input, output}``);
     ``id``, ``name`` and ``is_classification`` may be present and are not used. Blank lines are skipped.
+    The file is read as training data is (``alpaca.files.read_json_values``), so a JSON list of seed
+    tasks works too.
 
     Raises:
         ValueError: naming the file and line, when the file is missing, empty, not JSONL, or a record
@@ -20,18 +23,10 @@ def load_seed_tasks(path: str) -> list[dict]:
             f"--seed_tasks_path {path!r}: no such file. Pass the seed tasks JSONL, e.g. "
             "--seed_tasks_path=data/seed_tasks_sample.jsonl (or Stanford's 175-task seed_tasks.jsonl)."
         )
-    examples = []
-    for line_number, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
-        where = f"{path} line {line_number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(
-                f"{where}: not valid UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1}). "
-                "Save the seed file as UTF-8."
-            ) from None
-        if line.strip():
-            examples.append(_parse_seed_line(line, where))
+    examples = [
+        _check_seed_task(task, f"{path} line {line}" if line is not None else f"{path} record {index}")
+        for index, (task, line) in enumerate(read_json_values(file, str(path), allow_empty=True))
+    ]
     if not examples:
         raise ValueError(
             f"--seed_tasks_path {path!r} holds no seed tasks; it needs one JSON object per line."
@@ -39,17 +34,7 @@ def load_seed_tasks(path: str) -> list[dict]:
     return examples
 
 
-def _parse_seed_line(line: str, where: str) -> dict:
-    try:
-        task = json.loads(line)
-    except RecursionError:
-        raise ValueError(f"{where}: JSON nested too deeply to be a seed task.") from None
-    except ValueError as error:
-        # JSONDecodeError, or Python's limit on integer digits (over 4,300), which is not one.
-        raise ValueError(
-            f"{where}: not valid JSON ({getattr(error, 'msg', error)}). The seed file must be JSONL: one "
-            "complete JSON object per line, no commas between lines and no surrounding [ ]."
-        ) from None
+def _check_seed_task(task, where: str) -> dict:
     if not isinstance(task, dict):
         raise ValueError(f"{where}: expected a JSON object, found {type(task).__name__}.")
     missing = [key for key in ("instruction", "instances") if key not in task]
