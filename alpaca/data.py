@@ -1,4 +1,5 @@
-"""Instruction data: load and validate records, tokenize with label masks, collate, pack.
+"""Instruction data: load and validate records, tokenize with label masks, collate (packing lives in
+`alpaca.packing`).
 
 The label rule, computed on token ids: the training sequence is the prompt's tokens, then the output's
 tokens, then EOS. With `train_on_inputs=False` exactly the prompt's tokens are masked with
@@ -7,14 +8,11 @@ IGNORE_INDEX, so the unmasked labels are the output plus EOS for every template.
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from alpaca.files import read_json_records
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("instruction", "output")
@@ -24,7 +22,8 @@ REQUIRED_FIELDS = ("instruction", "output")
 
 
 def load_records(data_path: str) -> list[dict]:
-    """Load Alpaca records from a `.json`/`.jsonl` file or a Hugging Face dataset name (train split)."""
+    """Load Alpaca records from a `.json`/`.jsonl` file (either name, either format: the content decides,
+    see `alpaca.files.read_json_values`) or a Hugging Face dataset name or folder (train split)."""
     path = Path(data_path).expanduser()
     if path.suffix in (".json", ".jsonl") and not path.is_dir():
         if not path.is_file():

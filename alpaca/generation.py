@@ -12,7 +12,6 @@ state), and keeps peft's `generate`, which patches the base model while it runs,
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import sys
@@ -33,8 +32,6 @@ from alpaca.modeling import (
     resolve_dtype,
 )
 from alpaca.prompter import Prompter
-
-logger = logging.getLogger(__name__)
 
 MAX_BEAMS = 4
 MAX_TEMPERATURE = 2.0

@@ -109,8 +109,10 @@ class Prompter:
         """The model's answer in `output` (prompt + generation).
 
         With `prompt` given and `output` starting with it, the answer is what follows the prompt, so an
-        instruction that itself contains the split marker cannot confuse it. Otherwise the text after
-        the first `response_split` marker (upstream's rule), or the whole text when there is none.
+        instruction that itself contains the split marker cannot confuse it. Otherwise everything after
+        the first `response_split` marker, or the whole text when there is none. (Upstream's rule,
+        `output.split(marker)[1]`, kept only the text between the first and a second marker, and raised
+        IndexError when there was none.)
         """
         if prompt is not None and output.startswith(prompt):
             return output[len(prompt) :].strip()
