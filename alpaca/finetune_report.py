@@ -10,11 +10,11 @@ from pathlib import Path
 
 from alpaca.checkpoints import is_main_process, log
 from alpaca.files import write_json_atomic
-from alpaca.finetune_settings import FinetuneConfig
+from alpaca.finetune_settings import SECRET_MASK, FinetuneConfig
 
 # A setting whose name ends like one of these holds a credential (hub_token, wandb_api_key, ...).
 SECRET_NAME = re.compile(r"(^|_)(token|api_key|key|password|passwd|secret|credentials?)$", re.IGNORECASE)
-MASK = "***"
+MASK = SECRET_MASK
 
 
 def mask_secrets(value, key: str = ""):

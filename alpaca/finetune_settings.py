@@ -30,6 +30,7 @@ from alpaca.checkpoints import log
 from alpaca.modeling import check_model_path
 
 UNSET = object()
+SECRET_MASK = "***"  # what run_config.json holds in place of a token or key (alpaca/finetune_report.py)
 DEFAULT_SOURCES = {True: "default (Alpaca-LoRA)", False: "default (Stanford Alpaca recipe)"}
 
 
@@ -605,7 +606,9 @@ def resolve_config(flags: dict, extra: dict) -> FinetuneConfig:
 
 def settings_from_run_config(data: dict) -> dict:
     """The flags a saved run_config.json (or any --config file) sets for finetune.py: report keys are
-    dropped, `extra_training_args` is spread out into the pass-through flags it holds."""
+    dropped, `extra_training_args` is spread out into the pass-through flags it holds, and masked
+    secrets are left out."""
     settings = {k: v for k, v in data.items() if k not in REPORT_KEYS and k != "extra_training_args"}
     settings.update(data.get("extra_training_args") or {})
-    return settings
+    # a secret saved masked (`--hub_token=***`) is not its value: give it on the command line again
+    return {k: v for k, v in settings.items() if v != SECRET_MASK}

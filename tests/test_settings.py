@@ -134,6 +134,8 @@ def test_run_config_replays_the_settings(tiny_llama, tmp_path):
         {"base_model": tiny_llama, "data_path": "d.json", "output_dir": str(tmp_path / "a")},
         {"optim": "sgd", "per_device_train_batch_size": 2},
     ).to_dict()
+    masked = dict(saved, extra_training_args={**saved["extra_training_args"], "hub_token": "***"})
+    assert "hub_token" not in settings_from_run_config(masked)
     saved.update(command="python finetune.py ...", data_report={"train_examples": 3}, optimizer_steps=1)
     path = tmp_path / "run_config.json"
     path.write_text(json.dumps(saved))
