@@ -460,3 +460,23 @@ def test_api_flag_mistakes_are_named(tiny_llama):
         generate.main(
             base_model=tiny_llama, lora_weights="", api=True, chat_format="tokenizer", server_port=free_port()
         )
+
+
+def test_a_lora_adapter_is_served_with_its_own_replies(tiny_llama, tiny_llama_adapter, server, client):
+    """Base + LoRA through the same loading path: the API answers with the adapter switched on."""
+    adapted = load_generators(tiny_llama, lora_weights=tiny_llama_adapter)[0]
+    api = launch_api(adapted, port=0)
+    try:
+        lora_client = openai.OpenAI(base_url=api.base_url, api_key="unused", max_retries=0)
+        model = lora_client.models.list().data[0].id
+        assert model == adapted.name and model.endswith("lora")
+        messages = messages_of(RECORDS[0])
+        reply = lora_client.chat.completions.create(
+            model=model, messages=messages, max_tokens=16, temperature=0
+        )
+        greedy = make_settings(temperature=0, num_beams=1, max_new_tokens=16)
+        assert reply.choices[0].message.content == adapted.generate(RECORDS[0]["instruction"], None, greedy)
+        base = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=16, temperature=0)
+        assert base.choices[0].message.content != reply.choices[0].message.content
+    finally:
+        api.close()
