@@ -145,3 +145,18 @@ def test_a_saved_run_config_replays_its_run(tiny_llama, finetune_fast, sample_su
     assert replayed == saved
     losses = [json.loads((out / "loss_history.json").read_text()) for out in (first, second)]
     assert [e["loss"] for e in losses[0] if "loss" in e] == [e["loss"] for e in losses[1] if "loss" in e]
+
+
+def test_a_config_file_sets_the_values_of_another_script(tmp_path):
+    """generate_instruction.py reads the file's values (an invalid one is reported as that flag), and
+    the command line overrides them."""
+    config = tmp_path / "si.yaml"
+    config.write_text(f"num_instructions_to_generate: 0\noutput_dir: {tmp_path / 'out'}\n")
+    result = run_script("generate_instruction.py", f"--config={config}")
+    assert result.returncode == 2 and "--num_instructions_to_generate must be at least 1" in result.stderr
+    result = run_script("generate_instruction.py", f"--config={config}", "--request_batch_size=0")
+    assert "--request_batch_size must be at least 1" in result.stderr
+    result = run_script(
+        "generate_instruction.py", f"--config={config}", "--num_instructions_to_generate=3", "--max_tokens=1"
+    )
+    assert "--num_instructions_to_generate" not in result.stderr and "--max_tokens must be" in result.stderr
