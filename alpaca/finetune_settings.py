@@ -444,9 +444,6 @@ def range_problems(flags: dict, use_lora: bool) -> list[str]:
     return problems
 
 
-# ---------------------------------------------------------------- resolve_config, step by step
-
-
 def apply_aliases(flags: dict, extra: dict, sources: dict) -> list[str]:
     """Stanford's names (`--model_name_or_path`, ...) become ours; a conflict with our own is a problem."""
     problems = []
