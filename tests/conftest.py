@@ -1,8 +1,6 @@
 """Shared test setup: offline, single-threaded torch, tiny models built once per session."""
 
-import json
 import os
-from pathlib import Path
 
 # Set before torch / transformers are imported anywhere in the test session.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -15,6 +13,12 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
+
+# The helpers live in tests/helpers; these names stay importable from conftest for older test files.
+from helpers.adapters import make_random_adapter  # noqa: E402
+from helpers.finetune_runs import SAMPLE_DATA, logged_losses, run_finetune_fast, write_sample_subset  # noqa: E402,F401
+from helpers.ports import free_port as find_free_port  # noqa: E402
+from helpers.tiny_trained import train_tiny_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,70 +37,10 @@ def tiny_opt(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "opt", arch="opt"))
 
 
-def make_random_adapter(base_model: str, output_dir, target_modules=("q_proj", "v_proj"), seed: int = 1):
-    """Save a LoRA adapter with random, non-zero A and B, so it visibly changes the model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_model)
-    config = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=list(target_modules),
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-        init_lora_weights=False,
-    )
-    peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(str(output_dir))
-    return str(output_dir)
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_adapter(tiny_llama, tmp_path_factory):
     """A random-but-non-zero LoRA adapter (q_proj, v_proj) for the tiny LLaMA."""
     return make_random_adapter(tiny_llama, tmp_path_factory.mktemp("adapter") / "lora")
-
-
-SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "alpaca_sample.json"
-
-
-def write_sample_subset(path, count: int) -> str:
-    """Write the first `count` short records (output under 200 characters) of the sample data to `path`."""
-    records = [r for r in json.loads(SAMPLE_DATA.read_text()) if len(r["output"]) < 200][:count]
-    Path(path).write_text(json.dumps(records))
-    return str(path)
-
-
-def run_finetune_fast(base, data, out, **overrides):
-    """Run finetune.py's entry function with settings fast enough for a tiny model."""
-    import finetune
-
-    args = dict(
-        base_model=base,
-        data_path=data,
-        output_dir=str(out),
-        batch_size=8,
-        micro_batch_size=4,
-        cutoff_len=128,
-        val_set_size=0,
-        learning_rate=1e-2,
-        warmup_steps=0,
-        max_steps=10,
-        logging_steps=1,
-        save_steps=100,
-        seed=7,
-    )
-    args.update(overrides)
-    return finetune.train(**args)
-
-
-def logged_losses(out) -> list[tuple[int, float]]:
-    """(step, training loss) pairs from a run's loss_history.json."""
-    history = json.loads((Path(out) / "loss_history.json").read_text())
-    return [(e["step"], e["loss"]) for e in history if "loss" in e]
 
 
 @pytest.fixture(scope="session")
@@ -138,3 +82,27 @@ def sample_subset():
 def loss_log():
     """`logged_losses(out)` as a fixture: (step, training loss) pairs from a run's loss_history.json."""
     return logged_losses
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_llama, tmp_path_factory):
+    """A tiny LoRA adapter trained to give `helpers.tiny_trained.TRAINED_ANSWERS` (built once per session)."""
+    return train_tiny_adapter(tiny_llama, tmp_path_factory.getbasetemp() / "trained-adapter")
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """32 short records from the project's sample data."""
+    return write_sample_subset(tmp_path_factory.mktemp("data") / "small.json", 32)
+
+
+@pytest.fixture
+def free_port():
+    """A free loopback port for a test server."""
+    return find_free_port()
+
+
+@pytest.fixture(scope="session")
+def random_adapter():
+    """`make_random_adapter(base_model, output_dir, target_modules, seed, b_scale)` as a fixture."""
+    return make_random_adapter

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers.ports import free_port
 
 from alpaca.batch import run_batch
 from alpaca.generation import load_generators, make_settings
@@ -389,12 +390,6 @@ def test_the_key_is_required_when_set_and_never_logged(generator, caplog):
         and '"POST /v1/completions HTTP/1.1" 200' in caplog.text
     )
     assert key not in caplog.text
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_generate_py_api_binds_loopback_requires_the_key_and_never_logs_it(tiny_llama, tmp_path):

@@ -7,11 +7,12 @@ Set DEMO_SCREENSHOT=/some/file.png to keep a screenshot of the answered page.
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
-from tiny_trained import TRAINED_ANSWERS, train_tiny_adapter
+from helpers.optional import in_ci
+from helpers.ports import free_port
+from helpers.tiny_trained import TRAINED_ANSWERS
 
 from alpaca.generation import DecodingSettings, load_generators
 
@@ -29,16 +30,10 @@ CHROMIUM_ARGS = [
 TIMEOUT_MS = 60_000
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def require(condition: bool, reason: str) -> None:
     if condition:
         return
-    if os.environ.get("CI", "").lower() == "true":
+    if in_ci():
         pytest.fail(
             f"{reason} (required in CI: apt-get install chromium; pip install -r requirements-dev.txt)"
         )
@@ -62,11 +57,10 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page_url(tiny_llama, tmp_path_factory):
+def page_url(tiny_llama, trained_adapter):
     from alpaca.demo import build_demo, launch_demo
 
-    adapter = train_tiny_adapter(tiny_llama, tmp_path_factory.getbasetemp() / "trained-adapter")
-    generators = load_generators(tiny_llama, lora_weights=adapter)
+    generators = load_generators(tiny_llama, lora_weights=trained_adapter)
     # Greedy page defaults (what --temperature=0 --num_beams=1 gives), so the answer is known.
     demo = build_demo(generators, DecodingSettings(temperature=0, num_beams=1, max_new_tokens=32))
     launch_demo(demo, server_name="127.0.0.1", server_port=free_port(), block=False)

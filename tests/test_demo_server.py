@@ -12,11 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from tiny_trained import TRAINED_ANSWERS, train_tiny_adapter
+from helpers.optional import import_or_skip
+from helpers.ports import free_port
+from helpers.tiny_trained import TRAINED_ANSWERS
 
 from alpaca.generation import DecodingSettings, GenerationLimits, load_generators, make_settings
 
-gr = pytest.importorskip("gradio")
+gr = import_or_skip("gradio", "pip install -r requirements.txt")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError, AuthenticationError  # noqa: E402
 
@@ -33,12 +35,6 @@ REPO = Path(__file__).resolve().parent.parent
 LIMITS = GenerationLimits(max_input_tokens=160, max_new_tokens=64)
 # Instruction, Input, Temperature, Top p, Top k, Beams, Max tokens, Stream output, Seed
 GREEDY = (0, 0.75, 40, 1, 24, False, -1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -61,11 +57,6 @@ def listening_addresses(port: int) -> set[str]:
 
 def connect(url: str, **kwargs) -> Client:
     return Client(url, verbose=False, analytics_enabled=False, download_files=False, **kwargs)
-
-
-@pytest.fixture(scope="session")
-def trained_adapter(tiny_llama, tmp_path_factory):
-    return train_tiny_adapter(tiny_llama, tmp_path_factory.getbasetemp() / "trained-adapter")
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,14 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_sample_subset
+from helpers.finetune_runs import write_sample_subset
+from helpers.ports import free_port
 from safetensors.torch import load_file
 
 import finetune
@@ -22,12 +22,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data_24(tmp_path_factory):
     return write_sample_subset(tmp_path_factory.mktemp("data") / "d.json", 24)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:

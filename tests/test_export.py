@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from export_fixtures import (
+from helpers.adapters import make_random_adapter
+from helpers.export_fixtures import (
     CONVERT_HF,
     CONVERT_LEGACY,
     assert_same_tensors,
-    make_adapter,
     read_gguf,
     run_converter,
     snapshot,
@@ -190,11 +190,11 @@ def test_bad_inputs_are_named(tiny_llama, tiny_opt, tmp_path):
         vocab_size=512,
     )
     LlamaForCausalLM(config).save_pretrained(other)
-    wrong_shape = make_adapter(str(other), tmp_path / "wrong-shape")
+    wrong_shape = make_random_adapter(str(other), tmp_path / "wrong-shape")
     with pytest.raises(ValueError, match="does not fit the base model"):
         export_hf(tiny_llama, wrong_shape, out, dtype="fp32")
     # an adapter whose target modules (OPT's fc1/fc2) the base does not have
-    wrong_targets = make_adapter(tiny_opt, tmp_path / "wrong-targets", target_modules=("fc1", "fc2"))
+    wrong_targets = make_random_adapter(tiny_opt, tmp_path / "wrong-targets", target_modules=("fc1", "fc2"))
     with pytest.raises(ValueError, match="does not fit the base model"):
         export_hf(tiny_llama, wrong_targets, out, dtype="fp32")
     with pytest.raises(ValueError, match="--base_model=.*no such folder"):
@@ -204,7 +204,7 @@ def test_bad_inputs_are_named(tiny_llama, tiny_opt, tmp_path):
     with pytest.raises(ValueError, match="--precision='int8'"):
         export_hf(tiny_llama, wrong_shape, out, dtype="int8")
     # Meta and GGUF layouts exist for LLaMA only
-    opt_adapter = make_adapter(tiny_opt, tmp_path / "opt-lora")
+    opt_adapter = make_random_adapter(tiny_opt, tmp_path / "opt-lora")
     with pytest.raises(ValueError, match="LLaMA models only.*'opt' model"):
         export_meta(tiny_opt, opt_adapter, out)
     with pytest.raises(ValueError, match="LLaMA models only.*'opt' model"):
@@ -349,7 +349,7 @@ def test_added_pad_token_travels_to_meta_and_gguf(tiny_llama, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     resize_embeddings_for_new_tokens(model, tokenizer, 1)
     model.save_pretrained(resized)
-    adapter = make_adapter(str(resized), tmp_path / "lora-pad")
+    adapter = make_random_adapter(str(resized), tmp_path / "lora-pad")
     tokenizer.save_pretrained(adapter)
     pad_id = len(tokenizer) - 1
 
@@ -439,7 +439,7 @@ def test_tied_embeddings_gguf_equals_llama_cpp_conversion(tiny_llama, tmp_path):
     AutoModelForCausalLM.from_config(config).save_pretrained(tied)
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(Path(tiny_llama) / name, tied / name)
-    adapter = make_adapter(str(tied), tmp_path / "lora")
+    adapter = make_random_adapter(str(tied), tmp_path / "lora")
     hf_dir = tmp_path / "hf" / "llama"
     export_hf(str(tied), adapter, str(hf_dir), dtype="fp32")
     run_converter(CONVERT_HF, hf_dir, "--outfile", tmp_path / "ref.gguf", "--outtype", "f32")
@@ -491,7 +491,7 @@ def test_gguf_overwrite_with_a_bad_name_deletes_nothing(tiny_llama, tiny_llama_a
 def test_a_failed_overwrite_keeps_the_previous_output(tiny_llama, tiny_opt, tiny_llama_adapter, tmp_path):
     """Each export with --overwrite and an adapter that does not fit: an error, the old output untouched,
     no temporary sibling left behind."""
-    wrong = make_adapter(tiny_opt, tmp_path / "opt-lora", target_modules=("fc1", "fc2"))
+    wrong = make_random_adapter(tiny_opt, tmp_path / "opt-lora", target_modules=("fc1", "fc2"))
     exports = {
         "hf": lambda out, adapter: export_hf(tiny_llama, adapter, out, dtype="fp32", overwrite=True),
         "meta": lambda out, adapter: export_meta(tiny_llama, adapter, out, dtype="fp32", overwrite=True),
@@ -568,7 +568,7 @@ def test_unknown_bpe_pre_tokenizer_is_refused_before_the_merge(tiny_llama, tmp_p
     PreTrainedTokenizerFast(
         tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     ).save_pretrained(base)
-    adapter = make_adapter(str(base), tmp_path / "lora")
+    adapter = make_random_adapter(str(base), tmp_path / "lora")
 
     def no_merge(*args, **kwargs):
         raise AssertionError("the merge started before the refusal")
@@ -585,7 +585,7 @@ def test_unknown_bpe_pre_tokenizer_is_refused_before_the_merge(tiny_llama, tmp_p
 def test_export_dtype_defaults_to_the_base_and_a_rounded_away_update_is_an_error(tiny_llama, tmp_path):
     """fp32 base, small adapter update: the default export keeps it (fp32); an explicit fp16 export loses
     part of it in rounding, which the self-check measures against the adapter's own effect and refuses."""
-    small = make_adapter(tiny_llama, tmp_path / "small", b_scale=3e-4)
+    small = make_random_adapter(tiny_llama, tmp_path / "small", b_scale=3e-4)
     info = export_hf(tiny_llama, small, str(tmp_path / "default"))
     assert info["dtype"] == "fp32"
     assert info["max_logit_diff_saved"] < 0.1 * info["adapter_effect"]
@@ -605,7 +605,7 @@ def test_merged_config_pads_with_the_tokenizers_pad_id(tiny_llama, tmp_path):
     """Training pads with unk (id 0); the exported config.json and generation_config.json must agree."""
     from transformers import AutoTokenizer
 
-    adapter = make_adapter(tiny_llama, tmp_path / "lora")
+    adapter = make_random_adapter(tiny_llama, tmp_path / "lora")
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     tokenizer.pad_token = tokenizer.unk_token
     tokenizer.save_pretrained(adapter)
@@ -624,7 +624,7 @@ def test_llama_style_bpe_without_tokenizer_model_equals_llama_cpp_conversion(tin
     base = tmp_path / "hfft" / "llama"
     shutil.copytree(tiny_llama, base)
     (base / "tokenizer.model").unlink()
-    adapter = make_adapter(str(base), tmp_path / "lora")
+    adapter = make_random_adapter(str(base), tmp_path / "lora")
     hf_dir = tmp_path / "hf" / "llama"
     export_hf(str(base), adapter, str(hf_dir))
     assert not (hf_dir / "tokenizer.model").exists()

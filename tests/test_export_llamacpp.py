@@ -11,7 +11,7 @@ Needs llama-cpp-python, which compiles llama.cpp on install (about 15 CPU-minute
 import os
 
 import pytest
-from export_fixtures import CONVERT_LEGACY, run_converter
+from helpers.export_fixtures import CONVERT_LEGACY, run_converter
 
 from alpaca.export import export_gguf, export_hf, export_meta
 

@@ -3,16 +3,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged_losses, run_finetune_fast, write_sample_subset
+from helpers.finetune_runs import logged_losses, run_finetune_fast
 
 from alpaca.data import IGNORE_INDEX
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """32 short records from the project's sample data."""
-    return write_sample_subset(tmp_path_factory.mktemp("data") / "small.json", 32)
-
 
 run = run_finetune_fast
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import SAMPLE_DATA, write_sample_subset
+from helpers.finetune_runs import SAMPLE_DATA, write_sample_subset
 
 import finetune
 from alpaca.data import IGNORE_INDEX, load_records, tokenize_example

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_random_adapter
-from tiny_trained import TRAINED_ANSWERS, train_tiny_adapter
+from helpers.adapters import make_random_adapter
+from helpers.tiny_trained import TRAINED_ANSWERS
 
 from alpaca.batch import read_instructions, run_batch
 from alpaca.generation import (
@@ -35,11 +35,6 @@ REQUESTS = [
     ("Translate.", "I have no mouth"),
     ("Hi", None),
 ]
-
-
-@pytest.fixture(scope="session")
-def trained_adapter(tiny_llama, tmp_path_factory):
-    return train_tiny_adapter(tiny_llama, tmp_path_factory.getbasetemp() / "trained-adapter")
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +95,25 @@ def test_stream_grows_and_ends_with_the_plain_reply(main, generators):
             assert pieces[-1] == generator.generate(instruction, input, GREEDY)
 
 
-def test_stream_stops_generating_when_the_reader_leaves(main):
-    stream = main.stream("Hi", None, make_settings(temperature=0, max_new_tokens=200))
-    next(stream)
-    stream.close()  # joins the generation thread, which must stop at the next token
-    assert not main.lock.locked()
+def test_stream_stops_generating_when_the_reader_leaves(generators):
+    """Counted in forward passes (one per generated token): a reader that leaves after the first update
+    ends generation within a few tokens, where the whole reply runs to the token limit."""
+    base = generators[-1]  # the untrained base never emits EOS on this prompt: its reply is long
+    settings = make_settings(temperature=0, max_new_tokens=200)
+    passes = []
+    hook = base.model.get_input_embeddings().register_forward_hook(lambda *args: passes.append(1))
+    try:
+        list(base.stream("Hi", None, settings))
+        full_passes, passes[:] = len(passes), []
+        stream = base.stream("Hi", None, settings)
+        next(stream)
+        stream.close()  # joins the generation thread, which must stop at the next token
+        left_passes = len(passes)
+    finally:
+        hook.remove()
+    assert full_passes == 200, "the whole reply must be long for this test to show anything"
+    assert left_passes <= 10, (left_passes, full_passes)
+    assert not base.lock.locked()
 
 
 def test_batched_equals_one_at_a_time_under_greedy(generators):

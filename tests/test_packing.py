@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import SAMPLE_DATA, logged_losses, run_finetune_fast, write_sample_subset
+from helpers.finetune_runs import SAMPLE_DATA, logged_losses, run_finetune_fast
 
 from alpaca.data import IGNORE_INDEX, PaddingCollator, tokenize_example
 from alpaca.packing import PackingCollator, check_packing_supported, packing_leak
@@ -142,11 +142,6 @@ def run(base, data, out, **overrides):
 
 def losses(out):
     return [loss for _, loss in logged_losses(out)]
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    return write_sample_subset(tmp_path_factory.mktemp("data") / "small.json", 32)
 
 
 def test_packed_training_follows_the_unpacked_run(tiny_llama, small_data, tmp_path):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from export_fixtures import (
+from helpers.export_fixtures import (
     CONVERT_HF,
     CONVERT_LEGACY,
     assert_same_tensors,

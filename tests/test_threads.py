@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import run_finetune_fast, write_sample_subset
+from helpers.finetune_runs import run_finetune_fast, write_sample_subset
 
 import alpaca.threads
 from alpaca.threads import _parse_cpu_list, choose_num_threads

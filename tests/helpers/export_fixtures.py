@@ -1,4 +1,4 @@
-"""Helpers for the export tests: llama.cpp's reference converters, GGUF reading, adapters.
+"""Helpers for the export tests: llama.cpp's reference converters, GGUF reading, folder snapshots.
 
 The converters come from the llama-cpp-python source package (scripts/fetch_llama_cpp_converters.sh puts
 them in $LLAMA_CPP_SRC, default ~/.cache/alpaca-kit/llama.cpp). Without them a test skips locally and
@@ -79,32 +79,6 @@ def assert_same_tensors(ours: dict, reference: dict) -> None:
         assert ours[name][0] == qtype, name
         assert ours[name][1].shape == data.shape, name
         assert np.array_equal(ours[name][1], data), f"tensor {name} differs from llama.cpp's conversion"
-
-
-def make_adapter(
-    base_model: str, output_dir, target_modules=("q_proj", "v_proj"), seed: int = 1, b_scale=1.0
-):
-    """Save a LoRA adapter with random, non-zero A and B (B times `b_scale`, to make a small update)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=list(target_modules),
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-        init_lora_weights=False,
-    )
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model), config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(b_scale)
-    peft_model.save_pretrained(str(output_dir))
-    return str(output_dir)
 
 
 def snapshot(path) -> dict:
