@@ -165,8 +165,12 @@ def measure(
     use_lora: bool,
     learning_rate: float,
     seed: int,
+    precision: str = "fp32",
 ) -> dict:
-    """Train one pipeline for `warmup_steps + steps` optimizer steps; time the last `steps`."""
+    """Train one pipeline for `warmup_steps + steps` optimizer steps; time the last `steps`.
+
+    `precision="bf16"`: bf16 autocast over fp32 weights, as finetune.py --precision=bf16 does on a CPU
+    with native bf16 (on a GPU finetune.py keeps a LoRA base in bf16 instead; this measures autocast)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -191,7 +195,8 @@ def measure(
     for step, batch in enumerate(batches):
         start, cpu_start = time.perf_counter(), time.process_time()
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-        loss = model(**batch).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -212,6 +217,8 @@ def measure(
         "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss,
         "training_rise_mib": None if device == "cuda" else peak_rss - rss_before,
         "final_loss": losses[-1],
+        "losses": losses,
+        "precision": precision,
     }
 
 
@@ -247,15 +254,15 @@ def combine_repeats(runs: list[dict]) -> dict:
 def print_table(results: dict, repeats: int, by_cpu_time: bool) -> None:
     """One line per pipeline; the ratio uses CPU time or wall time (see the module docstring)."""
     key = "tokens_per_cpu_second" if by_cpu_time else "tokens_per_second"
-    base = results["upstream"][key]
+    first = next(iter(results))
+    base = results[first][key]
     header = (
         f"{'pipeline':<14}{'trained tok':>12}{'computed tok':>13}{'padding':>9}{'tok/CPU-s':>11}"
-        f"{'tok/wall-s':>12}{'vs upstream':>13}{'peak MiB':>10}{'train +MiB':>11}"
+        f"{'tok/wall-s':>12}{'vs ' + first:>13}{'peak MiB':>10}{'train +MiB':>11}"
     )
     print(header)
     print("-" * len(header))
-    for name in PIPELINES:
-        r = results[name]
+    for name, r in results.items():
         padding = 1 - r["trained_tokens"] / r["computed_tokens"]
         rise = "" if r["training_rise_mib"] is None else f"{r['training_rise_mib']:.0f}"
         print(
@@ -284,6 +291,8 @@ def main(
     repeats: int = 2,
     threads: int = 1,
     seed: int = 0,
+    precision: str = "fp32",
+    pipelines: str = ",".join(PIPELINES),
     only: str = "",
 ) -> None:
     """Measure trained tokens per second and peak memory of the three pipelines; print a table.
@@ -304,6 +313,8 @@ def main(
         repeats: runs per pipeline, taken in turns; each step keeps its fastest time.
         threads: torch CPU threads (OMP_NUM_THREADS); 1 is steadiest on a shared 2-core machine.
         seed: weights, record choice and order.
+        precision: fp32, or bf16 (autocast over fp32 weights, finetune.py's CPU bf16).
+        pipelines: comma-separated subset of upstream, ours, ours+packing.
         only: internal: measure this one pipeline in this process and print JSON.
     """
     if only:
@@ -312,7 +323,7 @@ def main(
         torch.set_num_threads(threads)
         options = dict(steps=steps, warmup_steps=warmup_steps, micro_batch_size=micro_batch_size)
         options.update(cutoff_len=cutoff_len, use_lora=use_lora, learning_rate=learning_rate, seed=seed)
-        result = measure(only, base_model, data_path, **options)
+        result = measure(only, base_model, data_path, precision=precision, **options)
         print(json.dumps(result))
         return
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
@@ -333,7 +344,16 @@ def main(
             learning_rate=learning_rate,
             threads=threads,
             seed=seed,
+            precision=precision,
         )
+        chosen = (
+            [name.strip() for name in pipelines.split(",") if name.strip()]
+            if isinstance(pipelines, str)
+            else list(pipelines)
+        )
+        unknown = sorted(set(chosen) - set(PIPELINES))
+        if unknown or not chosen:
+            raise ValueError(f"--pipelines={pipelines!r}: choose among {', '.join(PIPELINES)}")
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(base_model)
@@ -342,12 +362,12 @@ def main(
             f"{model_config.num_hidden_layers} layers, vocab {model_config.vocab_size}; "
             f"{'LoRA q_proj,v_proj' if use_lora else 'full fine-tuning'}; data {data_path}; "
             f"{steps} timed steps of {micro_batch_size} records, cutoff_len {cutoff_len}; "
-            f"{threads} thread(s); load average before: {os.getloadavg()[0]:.1f}",
+            f"{precision}; {threads} thread(s); load average before: {os.getloadavg()[0]:.1f}",
             flush=True,
         )
-        runs: dict = {name: [] for name in PIPELINES}
+        runs: dict = {name: [] for name in chosen}
         for repeat in range(repeats):
-            order = PIPELINES if repeat % 2 == 0 else PIPELINES[::-1]
+            order = chosen if repeat % 2 == 0 else chosen[::-1]
             for name in order:
                 result = run_in_subprocess(name, options)
                 runs[name].append(result)
@@ -359,7 +379,7 @@ def main(
                 )
         results = {name: combine_repeats(found) for name, found in runs.items()}
     print(f"load average after: {os.getloadavg()[0]:.1f}")
-    by_cpu_time = threads == 1 and results["upstream"]["device"] == "cpu"
+    by_cpu_time = threads == 1 and next(iter(results.values()))["device"] == "cpu"
     print_table(results, repeats, by_cpu_time)
 
 
