@@ -553,3 +553,25 @@ def test_loss_matches_a_direct_transformers_computation(tiny_llama, tiny_llama_a
     # The adapter is applied: the base alone scores differently.
     evaluate.loss(base_model=tiny_llama, data_path=data, output_file=str(tmp_path / "base.json"))
     assert json.loads((tmp_path / "base.json").read_text())["loss"] != pytest.approx(report["loss"], rel=1e-4)
+
+
+def test_identical_prompts_are_asked_once(tmp_path, capsys):
+    # A pair whose two outputs are equal reads the same in both orders; the same pair twice repeats too.
+    model = [
+        {"instruction": "same", "output": "ref says same"},
+        {"instruction": "twice", "output": "model a"},
+    ]
+    model.append({"instruction": "twice", "output": "model a"})
+    reference = [
+        {"instruction": "same", "output": "ref says same"},
+        {"instruction": "twice", "output": "ref b"},
+        {"instruction": "twice", "output": "ref b"},
+    ]
+    paths = write_json(tmp_path / "m.json", model), write_json(tmp_path / "r.json", reference)
+    with ScriptedOpenAIServer(lambda prompt, attempt: TextReply("Output (a)")) as server:
+        results = run_pairwise(config(tmp_path, *paths, server))
+    assert len(server.log) == 3 and results["n_ties"] == 3
+    assert (
+        "6 judgments: 0 from the journal, 3 repeating an identical prompt, 3 to request"
+        in capsys.readouterr().out
+    )

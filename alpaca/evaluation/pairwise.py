@@ -371,10 +371,15 @@ def run_pairwise(config: PairwiseConfig) -> dict:
     meter = CostMeter(prices=config.prices())
     for entry in judgments.values():
         meter.add(entry["prompt_tokens"], entry["completion_tokens"])
+    # Identical prompts (the same pair twice, or a pair whose two outputs are equal, whose two orders
+    # then read the same) are asked once.
     todo = list({request.sha256: request for request in requests if request.sha256 not in judgments}.values())
+    stored = sum(request.sha256 in judgments for request in requests)
+    repeated = len(requests) - stored - len(todo)
     print(
-        f"{len(matching.pairs)} pairs, {len(requests)} judgments: {len(requests) - len(todo)} from the journal, "
-        f"{len(todo)} to request from {config.judge_model} ({config.base_url or 'OpenAI'})"
+        f"{len(matching.pairs)} pairs, {len(requests)} judgments: {stored} from the journal, "
+        + (f"{repeated} repeating an identical prompt, " if repeated else "")
+        + f"{len(todo)} to request from {config.judge_model} ({config.base_url or 'OpenAI'})"
     )
     write_json_atomic(output_dir / CONFIG_NAME, {**asdict(config), "prices_per_1m": config.prices()})
     started = time.monotonic()
