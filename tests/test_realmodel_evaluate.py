@@ -7,7 +7,6 @@ real local model behind a real OpenAI-compatible server, never a measure of qual
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,12 +27,6 @@ PAIRS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for_models(base_url: str, process: subprocess.Popen, timeout_s: float = 240.0) -> list[str]:
     """The model ids of the server once it answers /v1/models (it answers 503 while loading)."""
     deadline = time.monotonic() + timeout_s
@@ -48,7 +41,7 @@ def wait_for_models(base_url: str, process: subprocess.Popen, timeout_s: float =
 
 
 @pytest.mark.realmodel
-def test_smollm2_served_by_generate_api_judges_a_few_pairs(smollm2, tmp_path):
+def test_smollm2_served_by_generate_api_judges_a_few_pairs(smollm2, free_port, tmp_path):
     model = [
         {"instruction": i, "input": x, "output": good, "generator": "good-answers"} for i, x, good, _ in PAIRS
     ]
@@ -58,7 +51,7 @@ def test_smollm2_served_by_generate_api_judges_a_few_pairs(smollm2, tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(model))
     (tmp_path / "reference.json").write_text(json.dumps(reference))
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    port = free_port()
+    port = free_port
     base_url = f"http://127.0.0.1:{port}/v1"
     server = subprocess.Popen(
         [
