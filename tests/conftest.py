@@ -17,7 +17,6 @@ import pytest  # noqa: E402
 # The helpers live in tests/helpers; these names stay importable from conftest for older test files.
 from helpers.adapters import make_random_adapter  # noqa: E402
 from helpers.finetune_runs import SAMPLE_DATA, logged_losses, run_finetune_fast, write_sample_subset  # noqa: E402,F401
-from helpers.ports import free_port as find_free_port  # noqa: E402
 from helpers.tiny_trained import train_tiny_adapter  # noqa: E402
 
 
@@ -94,15 +93,3 @@ def trained_adapter(tiny_llama, tmp_path_factory):
 def small_data(tmp_path_factory):
     """32 short records from the project's sample data."""
     return write_sample_subset(tmp_path_factory.mktemp("data") / "small.json", 32)
-
-
-@pytest.fixture
-def free_port():
-    """A free loopback port for a test server."""
-    return find_free_port()
-
-
-@pytest.fixture(scope="session")
-def random_adapter():
-    """`make_random_adapter(base_model, output_dir, target_modules, seed, b_scale)` as a fixture."""
-    return make_random_adapter
