@@ -14,10 +14,11 @@ FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard", "offl
 
 def causal_lm_class(base_model: str, trust_remote_code: bool = False):
     """The model class `from_pretrained` would build, found from the config alone (no weights)."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    model_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    from alpaca.modeling import load_model_config
+
+    model_config = load_model_config(base_model, trust_remote_code=trust_remote_code)
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
     except KeyError:
