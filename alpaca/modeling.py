@@ -1,7 +1,7 @@
 """Loading base models, configs, tokenizers and LoRA adapters; quantization; merging; output folders.
 
-Training, generation, the demo, the exports and the weight diffs load models and tokenizers through
-this module's `load_*` functions, so that they all load (and report a bad path) the same way.
+Training, generation, the demo, the exports and the weight diffs load models, configs and tokenizers
+through this module's `load_*` functions, so that they all load (and report a bad path) the same way.
 The exceptions load something else: `gguf_import` reads a `.gguf` file once into a cached HF folder,
 and `tiny` builds the offline test models.
 """
