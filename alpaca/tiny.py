@@ -34,7 +34,9 @@ _BASE_CORPUS = [
 
 def _corpus_lines() -> list[str]:
     lines = list(_BASE_CORPUS)
-    for template in sorted((REPO_DIR / "templates").glob("*.json")):
+    from alpaca.prompter import TEMPLATES_DIR  # inside the package, so an installed copy finds them too
+
+    for template in sorted(TEMPLATES_DIR.glob("*.json")):
         for value in json.loads(template.read_text(encoding="utf-8")).values():
             lines.extend(value.splitlines())
     if SAMPLE_DATA.is_file():
