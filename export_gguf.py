@@ -17,7 +17,7 @@ def main(
     output_file: str = "",
     outtype: str = "f16",
     precision: str = "fp32",
-    dtype: str | None = None,
+    dtype: str = "",
     model_name: str = "",
     overwrite: bool = False,
 ):

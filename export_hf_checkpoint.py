@@ -14,7 +14,7 @@ def main(
     output_dir: str = "./hf_ckpt",
     max_shard_size: str = "400MB",
     precision: str = "base",
-    dtype: str | None = None,
+    dtype: str = "",
     overwrite: bool = False,
 ):
     """Export the merged model as a Hugging Face checkpoint.

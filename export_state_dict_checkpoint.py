@@ -16,7 +16,7 @@ def main(
     lora_weights: str = "tloen/alpaca-lora-7b",
     output_dir: str = "./ckpt",
     precision: str = "base",
-    dtype: str | None = None,
+    dtype: str = "",
     overwrite: bool = False,
 ):
     """Export the merged model in Meta's consolidated.00.pth layout.

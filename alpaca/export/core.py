@@ -179,7 +179,7 @@ def check_dtype(dtype: str) -> None:
 def precision_or_alias(precision: str, dtype: str | None, default: str) -> str:
     """The export precision from `--precision`, or from `--dtype`, its older name (the word the other
     scripts use is `--precision`; `--dtype` keeps existing export commands working)."""
-    if dtype is None or dtype == precision:
+    if not dtype or dtype == precision:
         return precision
     if precision != default:
         raise ValueError(
