@@ -3,8 +3,9 @@
 torch picks its own default (the machine's physical cores), which goes wrong in two common places:
 a container whose CPU quota is smaller than the machine (each thread then waits for the quota), and
 several processes on one machine (torchrun ranks, or a demo next to a training run), which then
-oversubscribe the cores. Measured on a 2-core machine (docs/performance.md): with the other core
-busy, 2 threads ran small ops 30-250x slower than 1, while on a quiet machine 2 threads were faster.
+oversubscribe the cores. Measured on a 2-core machine (docs/performance.md): on a quiet machine 2
+threads generated 1.3-1.5x faster than 1, while other work on the machine made 2 threads train up to
+3.4x slower than 1.
 So the rule is: an explicit --num_threads wins, then OMP_NUM_THREADS (the usual knob, which torchrun
 sets to 1 per rank), else the cores this process may use, shared among the local ranks.
 """

@@ -116,3 +116,35 @@ def test_generation_precision_auto_stays_fp32_on_the_cpu(tiny_llama):
     (generator,) = load_generators(tiny_llama, lora_weights="")
     assert generator.model.dtype == torch.float32
     assert generator.source["precision"] == "fp32 (--precision=auto on cpu)"
+
+
+@pytest.mark.realmodel
+@needs_native_bf16
+def test_realmodel_adapter_trained_in_bf16_merges_in_fp32(smollm2, tmp_path):
+    """A bf16-autocast run on SmolLM2 saves an fp32 adapter that export_hf_checkpoint.py merges in fp32;
+    the export's own self-check (merged logits equal the adapter model's) must pass."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    import export_hf_checkpoint
+
+    data = write_sample_subset(tmp_path / "data.json", 8)
+    lora = tmp_path / "lora"
+    options = dict(batch_size=2, micro_batch_size=2, cutoff_len=96, learning_rate=2e-3, max_steps=3)
+    run_finetune_fast(smollm2, data, lora, precision="bf16", **options)
+    assert json.loads((lora / "run_config.json").read_text())["precision_resolved"] == "bf16"
+    adapter = load_file(str(lora / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+    merged = tmp_path / "merged"
+    export_hf_checkpoint.main(
+        base_model=smollm2, lora_weights=str(lora), output_dir=str(merged), dtype="fp32"
+    )
+    weights = {}
+    for shard in merged.glob("*.safetensors"):
+        weights.update(load_file(str(shard)))
+    assert weights and all(t.dtype == torch.float32 for t in weights.values())
+    base = {}
+    for shard in Path(smollm2).glob("*.safetensors"):
+        base.update(load_file(str(shard)))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(weights[name], base[name]), "the adapter's update is missing from the merge"
