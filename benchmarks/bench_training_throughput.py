@@ -3,6 +3,7 @@
     python benchmarks/bench_training_throughput.py                       # about 2 minutes on 2 CPU cores
     python benchmarks/bench_training_throughput.py --steps=20 --repeats=3 --hidden_size=512 --num_layers=4
     python benchmarks/bench_training_throughput.py --base_model=./my-llama --threads=8
+    python benchmarks/bench_training_throughput.py --base_model=... --precision=bf16 --pipelines=ours,ours+packing
 
 Three pipelines train the same model (same initial weights, LoRA on q_proj/v_proj by default) on the
 same records in the same order, `micro_batch_size` records per optimizer step:
