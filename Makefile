@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 DEMO_DIR := demo-output
 
-.PHONY: demo test test-fast test-deps lint format bench clean model
+.PHONY: demo loop test test-fast test-deps lint format bench clean model
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 # base + LoRA on held-out instructions: a side-by-side table, the measured change, the wall time.
 demo: $(VENV)/.installed
 	$(PY) -m alpaca.quickstart --output_dir=$(DEMO_DIR)
+
+# The whole loop offline with the real model as teacher and judge (generate.py --api): self-instruct,
+# fine-tune, generate, judge, leaderboard. A pipeline check; a 135M judge measures nothing.
+loop: $(VENV)/.installed
+	$(PY) -m alpaca.offline_loop --output_dir=loop-output
 
 # Test-only system pieces: Debian's Chromium for the browser test, llama.cpp's converters for the
 # export checks. Best effort: without them those tests skip locally (and fail under CI=true).
@@ -55,4 +60,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_generation.py
 
 clean:
-	rm -rf $(DEMO_DIR) tiny-models .pytest_cache
+	rm -rf $(DEMO_DIR) loop-output tiny-models .pytest_cache
