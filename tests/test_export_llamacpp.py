@@ -82,3 +82,41 @@ def test_llama_cpp_logits_match_transformers(which, exports):
         if which.startswith("gguf"):  # our GGUF carries the full tokenizer: llama.cpp must tokenize alike
             assert llm.tokenize(prompt.encode(), add_bos=True, special=False) == ids
     print(f"{which}: max |logit difference| llama.cpp vs transformers = {worst:.3g}")
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_llama_cpp_reads_our_smollm2_gguf_with_transformers_logits(
+    outtype, smollm2, smollm2_adapter, tmp_path
+):
+    """The real BPE model: llama.cpp loads our GGUF export of SmolLM2 + a trained adapter, tokenizes as
+    transformers does, and gives its logits. An f32 KV cache (type_k=type_v=0) is used because llama.cpp's
+    default f16 cache alone differs by about 1e-2 over 30 layers."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export_hf(smollm2, smollm2_adapter, str(tmp_path / "hf"), dtype="fp32")
+    path = tmp_path / f"smollm2-{outtype}.gguf"
+    export_gguf(smollm2, smollm2_adapter, str(path), outtype=outtype)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    llm = Llama(
+        model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False, type_k=0, type_v=0
+    )
+    worst = 0.0
+    for prompt in PROMPTS + ("Über café naïve — 東京 123,456.78 <|im_end|> tabs\tand  spaces",):
+        ids = tokenizer(prompt).input_ids
+        # transformers parses special tokens in text (<|im_end|> is id 2); llama.cpp does with special=True
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids, prompt
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[: llm.n_tokens])
+        scale = max(1.0, float(np.abs(expected).max()))
+        diff = float(np.abs(got - expected).max())
+        worst = max(worst, diff / scale)
+    print(f"SmolLM2 {outtype}: max |logit difference| llama.cpp vs transformers = {worst:.3g} (relative)")
+    assert worst <= TOLERANCE[outtype]
