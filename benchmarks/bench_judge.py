@@ -25,12 +25,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the scripted test server: helpers.scripted_server
+
+from helpers.scripted_server import ScriptedOpenAIServer, TextReply  # noqa: E402
 
 from alpaca.evaluation.judge import DEFAULT_JUDGE_MODEL, build_judge_prompt, judge_messages  # noqa: E402
 from alpaca.evaluation.outputs import match_outputs  # noqa: E402
 from alpaca.evaluation.pairwise import PairwiseConfig, run_pairwise  # noqa: E402
 from alpaca.selfinstruct.cost import PRICES_PER_1M_TOKENS, resolve_prices  # noqa: E402
-from alpaca.selfinstruct.scripted_server import ScriptedOpenAIServer, TextReply  # noqa: E402
 
 EVAL_SET = "selfinstruct_user_oriented_eval.json"
 DAVINCI = "selfinstruct_eval_text-davinci-003.json"

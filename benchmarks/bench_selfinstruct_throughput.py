@@ -17,9 +17,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the scripted test server: helpers.scripted_server
+
+from helpers.scripted_server import ScriptedOpenAIServer, synthetic_responder  # noqa: E402
 
 from alpaca.selfinstruct.pipeline import SelfInstructConfig, generate  # noqa: E402
-from alpaca.selfinstruct.scripted_server import ScriptedOpenAIServer, synthetic_responder  # noqa: E402
 
 
 def run(

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.scripted_server import RawReply, ScriptedOpenAIServer, StatusReply, TextReply
 
 from alpaca.evaluation.exact_match import extract_answer, score_exact_match
 from alpaca.evaluation.journal import JOURNAL_NAME
 from alpaca.evaluation.judge import build_judge_prompt, parse_verdict
 from alpaca.evaluation.pairwise import PairwiseConfig, PairwiseIncomplete, run_pairwise
 from alpaca.evaluation.stats import combine_orders, win_rate
-from alpaca.selfinstruct.scripted_server import RawReply, ScriptedOpenAIServer, StatusReply, TextReply
 
 REPO = Path(__file__).resolve().parent.parent
 

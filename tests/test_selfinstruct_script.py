@@ -11,13 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rouge_score import rouge_scorer
-
-import generate_instruction
-from alpaca.selfinstruct import pipeline
-from alpaca.selfinstruct.journal import JOURNAL_NAME
-from alpaca.selfinstruct.pipeline import SelfInstructConfig, build_prompt
-from alpaca.selfinstruct.scripted_server import (
+from helpers.scripted_server import (
     DropConnection,
     RawReply,
     ScriptedOpenAIServer,
@@ -25,6 +19,12 @@ from alpaca.selfinstruct.scripted_server import (
     TextReply,
     synthetic_responder,
 )
+from rouge_score import rouge_scorer
+
+import generate_instruction
+from alpaca.selfinstruct import pipeline
+from alpaca.selfinstruct.journal import JOURNAL_NAME
+from alpaca.selfinstruct.pipeline import SelfInstructConfig, build_prompt
 from alpaca.selfinstruct.seeds import load_seed_tasks
 from alpaca.selfinstruct.similarity import rouge_tokens
 

@@ -5,9 +5,9 @@ import random
 from pathlib import Path
 
 import numpy as np
+from helpers.scripted_server import synthetic_instruction
 from rouge_score import rouge_scorer
 
-from alpaca.selfinstruct.scripted_server import synthetic_instruction
 from alpaca.selfinstruct.similarity import SimilarityIndex, rouge_tokens
 
 SEED_FILE = Path(__file__).resolve().parents[1] / "data" / "seed_tasks_sample.jsonl"

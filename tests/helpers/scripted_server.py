@@ -1,4 +1,5 @@
-"""A local OpenAI-compatible HTTP server with scripted replies, for tests, benchmarks and dry runs.
+"""A local OpenAI-compatible HTTP server with scripted replies, for tests and benchmarks (not part
+of the installed package: `from helpers.scripted_server import ...`, with `tests/` on the path).
 
 It speaks the wire protocol the real API does (``POST /v1/completions`` and
 ``/v1/chat/completions``, JSON bodies with ``choices`` and ``usage``), on 127.0.0.1 only. What it
