@@ -95,11 +95,13 @@ def run_clients(port: int, clients: int, requests_per_client: int, max_tokens: i
     return time.perf_counter() - start, list(results.values())
 
 
-def bench_model(base_model: str, max_tokens: int, requests_per_client: int, repeats: int) -> dict:
+def bench_model(
+    base_model: str, max_tokens: int, requests_per_client: int, repeats: int, precision: str = "auto"
+) -> dict:
     from alpaca.generation import load_generators
     from alpaca.serving.server import launch_api
 
-    (generator,) = load_generators(base_model, lora_weights="")
+    (generator,) = load_generators(base_model, lora_weights="", precision=precision)
     server = launch_api(generator, host="127.0.0.1", port=0, max_batch_size=8)
     figures = {"model": generator.name, "max_tokens": max_tokens}
     try:
@@ -150,6 +152,7 @@ def main(
     requests_per_client: int = 8,
     repeats: int = 3,
     num_threads: int = 1,
+    precision: str = "auto",
 ):
     """Print requests/s and generated tokens/s at 1, 4 and 8 clients, and time to first token.
 
@@ -160,6 +163,10 @@ def main(
         requests_per_client: requests each client sends, one after another.
         repeats: runs of each measurement; the fastest is reported (time to first token: medians).
         num_threads: torch CPU threads.
+        precision: the served model's precision, as generate.py's --precision (bf16 on a CPU with
+            native bf16 loads bf16 weights). Measured on SmolLM2: with bf16 weights a batched greedy
+            reply can differ from the same prompt alone (bf16 sums depend on the batch shape), and
+            the benchmark stops there, since its figures assume identical replies.
     """
     import torch
 
@@ -175,10 +182,11 @@ def main(
                 "tiny": lambda: str(ensure_tiny_model(Path(tmp) / "llama")),
                 "smollm2": lambda: str(default_model_folder(install=False)),
             }.get(name, lambda name=name: name)()
-            figures = bench_model(folder, max_tokens, requests_per_client, repeats)
+            figures = bench_model(folder, max_tokens, requests_per_client, repeats, precision)
             all_figures.append(figures)
             print(
-                f"\n{figures['model']} (greedy chat, max_tokens={max_tokens}, {torch.get_num_threads()} thread(s))"
+                f"\n{figures['model']} (greedy chat, max_tokens={max_tokens}, {torch.get_num_threads()} thread(s), "
+                f"precision {precision})"
             )
             for clients in (1, 4, 8):
                 row = figures[f"{clients}_clients"]
