@@ -145,3 +145,60 @@ def torch_file_problem(path: str | Path, check_crc_below: int = 256 << 20) -> st
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         return f"truncated or not a torch.save file ({err})"
     return None
+
+
+def read_journal(path: str | Path, parse, what: str):
+    """Yield the entries of an append-only JSONL journal in order; `parse(line) -> (entry, problem)`.
+
+    Each entry is appended as one write ending in a newline, so a kill mid-append damages at most the
+    last line: that line is copied to a `.torn-TIME` side file and cut off, so later appends stay whole
+    lines. A damaged line anywhere else was damaged on disk or by hand, and every line after it is
+    paid-for work: it raises a ValueError naming the line, and nothing is deleted. A whole last entry
+    whose newline was not written yet gets it. `what` says what a line holds ("request", "judgment").
+    `parse` runs lazily, after the caller applied the entries before, so it may check their order.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    last = max((index for index, line in enumerate(lines) if line.strip()), default=-1)
+    offset = 0
+    for index, line in enumerate(lines):
+        if line.strip():
+            entry, problem = parse(line)
+            if problem and index == last:
+                _set_aside_torn_tail(path, offset, data[offset:], problem, what)
+                return
+            if problem:
+                raise ValueError(
+                    f"{path} line {index + 1}: {problem}. Nothing was changed: the lines after it hold "
+                    f"paid-for {what}s. Repair that line, or delete it (losing only that {what}), and rerun."
+                )
+            yield entry
+        offset += len(line) + 1
+    if data and not data.endswith(b"\n"):
+        with path.open("ab") as handle:
+            handle.write(b"\n")
+
+
+def _set_aside_torn_tail(path: Path, offset: int, tail: bytes, problem: str, what: str) -> None:
+    """Copy the torn last line to a new side file, then cut it off the journal."""
+    import sys
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup, number = path.with_name(f"{path.name}.torn-{stamp}"), 1
+    while backup.exists():
+        number += 1
+        backup = path.with_name(f"{path.name}.torn-{stamp}-{number}")
+    with backup.open("wb") as handle:
+        handle.write(tail)
+        handle.flush()
+        os.fsync(handle.fileno())
+    with path.open("r+b") as handle:
+        handle.truncate(offset)
+        os.fsync(handle.fileno())
+    print(
+        f"warning: {path}: the last line was torn ({problem}), as a kill mid-write leaves it; its "
+        f"{len(tail)} bytes were moved to {backup} and that {what} will be done again.",
+        file=sys.stderr,
+    )

@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-import time
 from pathlib import Path
+
+from alpaca.files import read_journal
 
 JOURNAL_NAME = "judge_journal.jsonl"
 JOURNAL_VERSION = 1
@@ -60,44 +60,11 @@ class JudgeJournal:
         """Every judgment in the journal, by request hash (empty when there is no journal)."""
         if not self.path.exists():
             return {}
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        judgments, offset = {}, 0
-        last = max((index for index, line in enumerate(lines) if line.strip()), default=-1)
-        for index, line in enumerate(lines):
-            if line.strip():
-                entry, problem = _problem(line)
-                # A whole last entry whose newline was not written yet is complete; anything else
-                # damaged on the last line is a kill's torn write.
-                if problem and index == last:
-                    self._set_aside(offset, data[offset:], problem)
-                    break
-                if problem:
-                    raise ValueError(
-                        f"{self.path} line {index + 1}: {problem}. Nothing was changed: the lines after it "
-                        "hold paid-for judgments. Repair or delete that line (losing only that judgment) "
-                        "and rerun."
-                    )
-                if entry["kind"] == "judgment":
-                    judgments[entry["request_sha256"]] = entry
-            offset += len(line) + 1
-        if data and not data.endswith(b"\n") and offset >= len(data):
-            with self.path.open("ab") as handle:
-                handle.write(b"\n")
+        judgments = {}
+        for entry in read_journal(self.path, _problem, "judgment"):
+            if entry["kind"] == "judgment":
+                judgments[entry["request_sha256"]] = entry
         return judgments
-
-    def _set_aside(self, offset: int, tail: bytes, problem: str) -> None:
-        """Copy the torn last line to a side file, then cut it off so that appends stay whole lines."""
-        backup = self.path.with_name(f"{self.path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-        backup.write_bytes(tail)
-        with self.path.open("r+b") as handle:
-            handle.truncate(offset)
-            os.fsync(handle.fileno())
-        print(
-            f"warning: {self.path}: the last line was torn ({problem}), as a kill mid-write leaves it; "
-            f"its {len(tail)} bytes were moved to {backup} and that request will be judged again.",
-            file=sys.stderr,
-        )
 
     def open(self) -> None:
         """Open for appending; a new (or emptied) journal starts with a header line."""

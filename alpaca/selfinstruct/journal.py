@@ -12,12 +12,10 @@ flight past its stop) are journaled too, so a rerun uses them instead of buying 
 
 import json
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alpaca.files import write_json_atomic
+from alpaca.files import read_journal, write_json_atomic
 
 JOURNAL_NAME = "regen_journal.jsonl"
 REGEN_NAME = "regen.json"
@@ -128,52 +126,9 @@ class Journal:
         is a paid-for request: the run stops naming it, and nothing is deleted.
         """
         state = JournalState()
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        if not lines[-1].strip():
-            lines.pop()
-        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-        offset = 0
-        for index, line in enumerate(lines):
-            if line.strip():
-                entry, problem = self._parse_entry(state, line)
-                if problem and index == last:
-                    self._set_aside_torn_tail(offset, data[offset:], problem)
-                    break
-                if problem:
-                    raise ValueError(
-                        f"{self.path} line {index + 1}: {problem}. Nothing was changed: the lines after it "
-                        "hold paid-for requests. Repair that line, or delete it (losing only what that line "
-                        "held), and rerun."
-                    )
-                self._apply_entry(state, entry)
-            offset += len(line) + 1
-        if data and not data.endswith(b"\n") and offset >= len(data):
-            # The last entry is whole and only its newline is missing: complete the line.
-            with self.path.open("ab") as handle:
-                handle.write(b"\n")
+        for entry in read_journal(self.path, lambda line: self._parse_entry(state, line), "request"):
+            self._apply_entry(state, entry)
         return state
-
-    def _set_aside_torn_tail(self, offset: int, tail: bytes, problem: str) -> None:
-        """Copy the torn last line to a side file, then cut it off the journal so appends stay whole."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        backup = self.path.with_name(f"{self.path.name}.torn-{stamp}")
-        number = 1
-        while backup.exists():
-            number += 1
-            backup = self.path.with_name(f"{self.path.name}.torn-{stamp}-{number}")
-        with backup.open("wb") as handle:
-            handle.write(tail)
-            handle.flush()
-            os.fsync(handle.fileno())
-        with self.path.open("r+b") as handle:
-            handle.truncate(offset)
-            os.fsync(handle.fileno())
-        print(
-            f"warning: {self.path}: the last line was torn ({problem}), as a kill mid-write leaves it; "
-            f"its {len(tail)} bytes were moved to {backup} and that request will be sent again.",
-            file=sys.stderr,
-        )
 
     @staticmethod
     def _parse_entry(state: "JournalState", line: bytes) -> tuple[dict | None, str]:
