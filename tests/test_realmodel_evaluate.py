@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINE_NOTE = (
@@ -41,7 +42,7 @@ def wait_for_models(base_url: str, process: subprocess.Popen, timeout_s: float =
 
 
 @pytest.mark.realmodel
-def test_smollm2_served_by_generate_api_judges_a_few_pairs(smollm2, free_port, tmp_path):
+def test_smollm2_served_by_generate_api_judges_a_few_pairs(smollm2, tmp_path):
     model = [
         {"instruction": i, "input": x, "output": good, "generator": "good-answers"} for i, x, good, _ in PAIRS
     ]
@@ -51,7 +52,7 @@ def test_smollm2_served_by_generate_api_judges_a_few_pairs(smollm2, free_port, t
     (tmp_path / "model.json").write_text(json.dumps(model))
     (tmp_path / "reference.json").write_text(json.dumps(reference))
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    port = free_port
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     server = subprocess.Popen(
         [
