@@ -13,7 +13,8 @@ See docs/generate_instruction.md.
 
 import sys
 
-from alpaca.selfinstruct.pipeline import DEFAULT_MODEL
+from alpaca.selfinstruct.pipeline import DEFAULT_MODEL, SelfInstructConfig
+from alpaca.settings import args_docstring
 
 
 def generate_instruction_following_data(
@@ -46,37 +47,12 @@ def generate_instruction_following_data(
 ) -> None:
     """Generate instruction-following data from seed tasks with an OpenAI-compatible model.
 
-    Args:
-        output_dir: folder for regen.json, alpaca_data.json, the journal, settings and summary.
-        seed_tasks_path: seed tasks JSONL (id, name, instruction, instances[{input, output}], is_classification).
-        num_instructions_to_generate: stop once this many instructions are kept (checked between batches).
-        model_name: the model (default gpt-4o-mini: the cheapest current OpenAI model that takes temperature, top_p and stop).
-        num_prompt_instructions: in-context examples per prompt.
-        request_batch_size: requests per batch; the target is checked and a line printed after each batch.
-        temperature: sampling temperature.
-        top_p: nucleus sampling threshold.
-        num_cpus: threads for the ROUGE-L filter's LCS (capped at this machine's CPUs); upstream's process pool is gone.
-        api: "chat" (chat completions) or "completions" (the legacy completions endpoint, as upstream).
-        base_url: an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp's server, Ollama).
-        max_tokens: reply length requested (shrunk by 20% whenever the server says the prompt is too long).
-        max_concurrent_requests: requests in flight at once; the output does not depend on it.
-        max_retries: retries per request for 429, 5xx, timeouts and dropped connections before the run stops.
-        request_timeout: seconds before a request is abandoned and retried.
-        initial_retry_delay: first backoff in seconds (doubles per retry, with jitter, at most 60 s; Retry-After wins).
-        seed: seed for sampling the examples (and sent to the server); random and saved when not given.
-        max_cost_usd: never spend more (USD, all runs in output_dir): requests go out only while their worst case fits.
-        prompt_price_per_1m: USD per 1M prompt tokens (overrides the built-in price; needed for unknown models).
-        completion_price_per_1m: USD per 1M completion tokens.
-        num_machine_instructions: how many of the prompt's examples come from generated tasks (self-instruct used 2 of 8).
-        export_alpaca_data: also write alpaca_data.json (instruction, input, output only).
-        save_every_s: seconds between rewrites of regen.json (the journal is saved after every request).
-        progress: show the progress bar.
-        max_requests_without_new: stop after this many requests in a row keep no new instruction (0: never).
-        rouge_tokenizer: "rouge_score" (upstream's; keeps only a-z, 0-9) or "unicode" (any script; see the docs).
+    Each flag's default and help line live in SelfInstructConfig (alpaca/selfinstruct/pipeline.py; the
+    Args below come from it).
     """
     settings = dict(locals())
     from alpaca.selfinstruct.client import APIFailure
-    from alpaca.selfinstruct.pipeline import GenerationStalled, SelfInstructConfig, generate
+    from alpaca.selfinstruct.pipeline import GenerationStalled, generate
 
     config = SelfInstructConfig(**settings)
     try:
@@ -88,6 +64,11 @@ def generate_instruction_following_data(
             f"generate_instruction: stopped: {error}.\nEverything kept so far is saved in {output_dir} "
             "(regen.json and regen_journal.jsonl); rerun the same command to resume."
         ) from None
+
+
+generate_instruction_following_data.__doc__ = (
+    generate_instruction_following_data.__doc__.rstrip() + "\n\n" + args_docstring(SelfInstructConfig)
+)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ the flag's default (what `finetune.py`'s signature shows), its help line (the `A
 `finetune.py --help` is generated from it) and, for settings whose sensible value depends on the mode,
 the Alpaca-LoRA (`lora=`) and Stanford (`full=`) defaults that an unset flag takes.
 
-Adding a knob takes three edits:
+The generic pieces (a field with a help line, the `Args:` generator) are in alpaca/settings.py, shared
+with the self-instruct settings. Adding a knob takes three edits:
   1. a `setting(...)` field here (default, help, per-mode defaults);
   2. the same name and default in `finetune.py`'s signature (fire reads the signature; a test checks
      that it agrees with this table);
@@ -23,11 +24,13 @@ import dataclasses
 import difflib
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from alpaca import settings as shared_settings
 from alpaca.checkpoints import log
 from alpaca.modeling import check_model_path
+from alpaca.settings import derived
 
 UNSET = object()
 SECRET_MASK = "***"  # what run_config.json holds in place of a token or key (alpaca/finetune_report.py)
@@ -38,14 +41,7 @@ def setting(default, help: str, *, lora=UNSET, full=UNSET):
     """A flag of finetune.py: its default, its help line, and optionally its LoRA / full defaults
     (then the flag's own default is None, meaning "the mode decides")."""
     modes = None if lora is UNSET else {True: lora, False: full}
-    return field(default=default, metadata={"help": help, "modes": modes})
-
-
-def derived(default_factory=None, default=None):
-    """A resolved value that is not a flag (computed from the flags, saved in run_config.json)."""
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata={"derived": True})
-    return field(default=default, metadata={"derived": True})
+    return shared_settings.setting(default, help, modes=modes)
 
 
 @dataclass
@@ -201,12 +197,12 @@ class FinetuneConfig:
 
 def flag_fields() -> list[dataclasses.Field]:
     """The fields of FinetuneConfig that are finetune.py flags, in the signature's order."""
-    return [f for f in dataclasses.fields(FinetuneConfig) if not f.metadata.get("derived")]
+    return shared_settings.flag_fields(FinetuneConfig)
 
 
 def flag_defaults() -> dict:
     """Each flag's default as finetune.py's signature must show it."""
-    return {f.name: f.default for f in flag_fields()}
+    return shared_settings.flag_defaults(FinetuneConfig)
 
 
 def mode_defaults(use_lora: bool) -> dict:
@@ -216,15 +212,7 @@ def mode_defaults(use_lora: bool) -> dict:
 
 def args_docstring(indent: str = "    ") -> str:
     """The `Args:` section of finetune.py's docstring (what `--help` shows), from the table."""
-    import textwrap
-
-    lines = [f"{indent}Args:"]
-    for spec in flag_fields():
-        text = f"{spec.name}: {spec.metadata['help']}"
-        lines += textwrap.wrap(
-            text, width=104, initial_indent=indent * 2, subsequent_indent=indent * 3, break_on_hyphens=False
-        )
-    return "\n".join(lines) + "\n"
+    return shared_settings.args_docstring(FinetuneConfig, indent)
 
 
 # Stanford's train.py flag names, accepted as aliases of ours.

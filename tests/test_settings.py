@@ -10,6 +10,7 @@ from pathlib import Path
 
 import finetune
 import generate_instruction
+from alpaca import settings
 from alpaca.finetune_settings import (
     FinetuneConfig,
     flag_defaults,
@@ -111,17 +112,21 @@ def test_pass_through_training_arguments_and_mapped_names_are_accepted(tiny_llam
     assert config.warmup_steps == 0.1
 
 
-def test_generate_instruction_signature_and_help_are_the_dataclass():
+def test_generate_instruction_signature_is_the_settings_table():
     parameters = inspect.signature(generate_instruction.generate_instruction_following_data).parameters
-    fields = dataclasses.fields(SelfInstructConfig)
-    assert [p for p in parameters] == [f.name for f in fields]
-    assert {name: p.default for name, p in parameters.items()} == {f.name: f.default for f in fields}
-    documented = inspect.getdoc(generate_instruction.generate_instruction_following_data).split("Args:")[1]
-    documented_names = [line.split(":")[0].strip() for line in documented.splitlines() if ": " in line]
-    assert documented_names == [f.name for f in fields]
+    flags = {name: p.default for name, p in parameters.items()}
+    assert list(flags) == list(settings.flag_defaults(SelfInstructConfig)), "same flags, same order"
+    assert flags == settings.flag_defaults(SelfInstructConfig)
+    assert [f.name for f in dataclasses.fields(SelfInstructConfig)] == list(flags), "every field is a flag"
+
+
+def test_generate_instruction_help_shows_every_setting_help_line():
+    for spec in dataclasses.fields(SelfInstructConfig):
+        assert spec.metadata.get("help", "").strip(), f"{spec.name} has no help line"
     text = script_help("generate_instruction.py")
-    for spec in fields:
+    for spec in dataclasses.fields(SelfInstructConfig):
         assert f"--{spec.name}" in text, spec.name
+        assert " ".join(spec.metadata["help"].split()) in text, spec.name
 
 
 def test_run_config_replays_the_settings(tiny_llama, tmp_path):

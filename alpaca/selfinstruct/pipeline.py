@@ -4,6 +4,8 @@ Requests are numbered 0, 1, 2, ...; request k's prompt depends only on the run s
 machine-generated examples are mixed in) records from requests before k - MACHINE_EXAMPLE_LAG.
 Replies are applied strictly in request order, so with a deterministic server the output is the same
 for any ``max_concurrent_requests``, and a resumed run continues exactly where the journal ends.
+
+``SelfInstructConfig`` is the table of settings: each flag's default and help line live there.
 """
 
 import asyncio
@@ -32,6 +34,7 @@ from alpaca.selfinstruct.prompts import (
 from alpaca.selfinstruct.seeds import load_seed_tasks
 from alpaca.selfinstruct.similarity import SimilarityIndex
 from alpaca.selfinstruct.tokens import TOKENIZERS
+from alpaca.settings import setting
 
 DEFAULT_MODEL = "gpt-4o-mini"
 CONFIG_NAME = "generate_instruction_config.json"
@@ -48,34 +51,85 @@ class GenerationStalled(RuntimeError):
 
 @dataclass
 class SelfInstructConfig:
-    """Every setting of a run (see ``generate_instruction.py`` for what each one means)."""
+    """Every setting of a run: each field is one flag of ``generate_instruction.py``, with its default
+    and its help line (the ``Args:`` section of ``generate_instruction.py --help`` is generated from it).
 
-    output_dir: str = "./"
-    seed_tasks_path: str = "./seed_tasks.jsonl"
-    num_instructions_to_generate: int = 100
-    model_name: str = DEFAULT_MODEL
-    num_prompt_instructions: int = 3
-    request_batch_size: int = 5
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_cpus: int = 16
-    api: str = "chat"
-    base_url: str | None = None
-    max_tokens: int = 3072
-    max_concurrent_requests: int = 8
-    max_retries: int = 5
-    request_timeout: float = 120.0
-    initial_retry_delay: float = 1.0
-    seed: int | None = None
-    max_cost_usd: float | None = None
-    prompt_price_per_1m: float | None = None
-    completion_price_per_1m: float | None = None
-    num_machine_instructions: int = 0
-    export_alpaca_data: bool = True
-    save_every_s: float = 10.0
-    progress: bool = True
-    max_requests_without_new: int = 50
-    rouge_tokenizer: str = "rouge_score"
+    Adding a knob takes three edits:
+      1. a ``setting(...)`` field here (default, help line);
+      2. the same name and default in ``generate_instruction_following_data``'s signature (fire reads the
+         signature; tests/test_settings.py checks that it agrees with this table);
+      3. the code that uses ``config.<name>`` (and a check in ``problems`` if some values are invalid).
+    """
+
+    output_dir: str = setting(
+        "./", "folder for regen.json, alpaca_data.json, the journal, settings and summary."
+    )
+    seed_tasks_path: str = setting(
+        "./seed_tasks.jsonl",
+        "seed tasks JSONL (id, name, instruction, instances[{input, output}], is_classification).",
+    )
+    num_instructions_to_generate: int = setting(
+        100, "stop once this many instructions are kept (checked between batches)."
+    )
+    model_name: str = setting(
+        DEFAULT_MODEL,
+        "the model (default gpt-4o-mini: the cheapest current OpenAI model that takes temperature, top_p and stop).",
+    )
+    num_prompt_instructions: int = setting(3, "in-context examples per prompt.")
+    request_batch_size: int = setting(
+        5, "requests per batch; the target is checked and a line printed after each batch."
+    )
+    temperature: float = setting(1.0, "sampling temperature.")
+    top_p: float = setting(1.0, "nucleus sampling threshold.")
+    num_cpus: int = setting(
+        16,
+        "threads for the ROUGE-L filter's LCS (capped at this machine's CPUs); upstream's process pool is gone.",
+    )
+    api: str = setting(
+        "chat", '"chat" (chat completions) or "completions" (the legacy completions endpoint, as upstream).'
+    )
+    base_url: str | None = setting(
+        None,
+        "an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp's server, Ollama).",
+    )
+    max_tokens: int = setting(
+        3072, "reply length requested (shrunk by 20% whenever the server says the prompt is too long)."
+    )
+    max_concurrent_requests: int = setting(8, "requests in flight at once; the output does not depend on it.")
+    max_retries: int = setting(
+        5, "retries per request for 429, 5xx, timeouts and dropped connections before the run stops."
+    )
+    request_timeout: float = setting(120.0, "seconds before a request is abandoned and retried.")
+    initial_retry_delay: float = setting(
+        1.0, "first backoff in seconds (doubles per retry, with jitter, at most 60 s; Retry-After wins)."
+    )
+    seed: int | None = setting(
+        None, "seed for sampling the examples (and sent to the server); random and saved when not given."
+    )
+    max_cost_usd: float | None = setting(
+        None,
+        "never spend more (USD, all runs in output_dir): requests go out only while their worst case fits.",
+    )
+    prompt_price_per_1m: float | None = setting(
+        None, "USD per 1M prompt tokens (overrides the built-in price; needed for unknown models)."
+    )
+    completion_price_per_1m: float | None = setting(None, "USD per 1M completion tokens.")
+    num_machine_instructions: int = setting(
+        0,
+        "how many of the prompt's examples come from generated tasks (self-instruct used 2 of 8).",
+    )
+    export_alpaca_data: bool = setting(True, "also write alpaca_data.json (instruction, input, output only).")
+    save_every_s: float = setting(
+        10.0, "seconds between rewrites of regen.json (the journal is saved after every request)."
+    )
+    progress: bool = setting(True, "show the progress bar.")
+    max_requests_without_new: int = setting(
+        50, "stop after this many requests in a row keep no new instruction (0: never)."
+    )
+    rouge_tokenizer: str = setting(
+        "rouge_score",
+        '"rouge_score" (upstream\'s; keeps only a-z, 0-9) or "unicode" (any script; see the docs).',
+    )
 
     def problems(self) -> list[str]:
         """Every invalid setting, each with the flag name and what is allowed."""
