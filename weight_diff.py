@@ -5,13 +5,22 @@
     python weight_diff.py verify --path_tuned=<out>
 
 Diffs are `tuned - raw` in fp32, so Stanford's published Alpaca-7B diff recovers with this script.
+Both directions stream one tensor at a time through the weight files, so a 7B model needs a few GB of
+memory, not two fp32 models (about 56 GB) as upstream.
 `recover` copies the diff's per-tensor SHA-256 record beside the recovered model; `verify` checks a
 recovered model against it at any later time. `--path_raw` may also be a `.gguf` file.
 This script imports neither the training code nor the OpenAI client.
 """
 
 
-def make_diff(path_raw: str, path_tuned: str, path_diff: str, device: str = "cpu", overwrite: bool = False):
+def make_diff(
+    path_raw: str,
+    path_tuned: str,
+    path_diff: str,
+    device: str = "cpu",
+    overwrite: bool = False,
+    max_shard_size: str = "50GB",
+):
     """Write the weight diff tuned - raw (fp32) with the tuned tokenizer and per-tensor hashes.
 
     Args:
@@ -20,10 +29,11 @@ def make_diff(path_raw: str, path_tuned: str, path_diff: str, device: str = "cpu
         path_diff: folder to write the diff into; must be empty or absent unless --overwrite.
         device: where to do the arithmetic (cpu, cuda, ...).
         overwrite: replace an existing non-empty path_diff (only once the new diff is complete).
+        max_shard_size: largest safetensors file to write (5GB, 500MB, ...); save_pretrained's default.
     """
     from alpaca.weights import make_diff as make
 
-    make(path_raw, path_tuned, path_diff, device=device, overwrite=overwrite)
+    make(path_raw, path_tuned, path_diff, device=device, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
 def recover(
@@ -35,6 +45,7 @@ def recover(
     check_integrity_naively: bool = True,
     overwrite: bool = False,
     prompt_template: str = "alpaca_legacy",
+    max_shard_size: str = "50GB",
 ):
     """Recover the fine-tuned weights as raw + diff and check each tensor against the diff's hashes.
 
@@ -50,6 +61,7 @@ def recover(
             its checks).
         prompt_template: the template of the smoke-test prompt: alpaca_legacy (Stanford's training prompt),
             alpaca, or a template file.
+        max_shard_size: largest safetensors file to write (5GB, 500MB, ...); save_pretrained's default.
     """
     from alpaca.weights import recover as recover_weights
 
@@ -62,6 +74,7 @@ def recover(
         check_integrity_naively=check_integrity_naively,
         overwrite=overwrite,
         prompt_template=prompt_template,
+        max_shard_size=max_shard_size,
     )
 
 

@@ -1,9 +1,15 @@
 """Weight diffs (tuned minus raw, in fp32) for publishing a fine-tune whose base may not be shared.
 
-The arithmetic is Stanford Alpaca's, so its published Alpaca-7B diff recovers with this code: both models
-in fp32; the raw model first gets the `[PAD]` token with a mean-initialised embedding row when the tuned
-tokenizer has it; the diff is `tuned - raw` and recovery adds `raw` back, tensor by tensor, in place (two
-models in memory, no more).
+The arithmetic is Stanford Alpaca's, so its published Alpaca-7B diff recovers with this code: every
+tensor in fp32; the raw model first gets the `[PAD]` token with a mean-initialised embedding row when
+the tuned tokenizer has it; the diff is `tuned - raw` and recovery adds `raw` back.
+
+Unlike upstream, which holds two fp32 models in memory (about 56 GB for a 7B model), both directions
+stream: one tensor at a time is read from the safetensors or `.bin` files (`alpaca.weight_files`),
+combined and written straight into save_pretrained's files, so the memory needed is a few copies of
+the largest tensor (the embeddings), whatever the model's size. The model's tensor names, tied weights
+and embeddings come from its class built on the meta device, so the names, order and values are the
+ones `from_pretrained` + `state_dict()` would give.
 
 Beyond upstream, `make_diff` records the SHA-256 of every tensor that recovery will rebuild (`raw + diff`
 in fp32, which is not always bit-equal to `tuned`), and `recover` checks each one and names the first
@@ -13,9 +19,12 @@ option; for other models it compares with the sum recorded in the diff.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from alpaca.modeling import (
@@ -23,11 +32,20 @@ from alpaca.modeling import (
     check_model_path,
     damaged_weights,
     load_base_model,
+    load_model_config,
     load_plain_tokenizer,
     prepare_output_path,
-    resize_embeddings_for_new_tokens,
     resolve_base_model,
     staged_output,
+)
+from alpaca.weight_files import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ModelLayout,
+    SafetensorsWriter,
+    WeightReader,
+    local_model_folder,
+    model_layout,
+    parse_size,
 )
 
 INTEGRITY_FILE = "weight_diff_integrity.json"
@@ -60,63 +78,6 @@ def load_fp32_model(path: str, device: str, flag: str):
         raise ValueError(f"{flag}={path!r}: cannot read the weights: {damaged_weights(path) or err}") from err
 
 
-def match_raw_vocabulary(model_raw, tokenizer_raw, tokenizer_tuned, model_tuned) -> None:
-    """Give the raw model Alpaca's `[PAD]` (mean-initialised) when the tuned tokenizer has it, then require
-    equal embedding sizes."""
-    if PAD_TOKEN in tokenizer_tuned.get_vocab() and PAD_TOKEN not in tokenizer_raw.get_vocab():
-        added = tokenizer_raw.add_special_tokens({"pad_token": PAD_TOKEN})
-        resize_embeddings_for_new_tokens(model_raw, tokenizer_raw, added)
-    raw_rows = model_raw.get_input_embeddings().weight.shape[0]
-    tuned_rows = model_tuned.get_input_embeddings().weight.shape[0]
-    if raw_rows != tuned_rows:
-        raise ValueError(
-            f"--path_raw has {raw_rows} embedding rows but the tuned/diff model has {tuned_rows} "
-            "(after adding [PAD] when the tuned tokenizer has it): was the diff made from another raw model?"
-        )
-
-
-def unique_keys(state: dict) -> list[str]:
-    """State-dict keys with tied tensors (same storage) listed once, so in-place updates apply once."""
-    seen, keys = set(), []
-    for key, tensor in state.items():
-        pointer = (tensor.data_ptr(), tensor.shape)
-        if pointer not in seen:
-            seen.add(pointer)
-            keys.append(key)
-    return keys
-
-
-def check_same_tensors(state_raw: dict, state_other: dict, other: str) -> None:
-    """Same tensor names and shapes in both models, or a ValueError naming the first difference."""
-    missing = sorted(set(state_other) - set(state_raw))
-    extra = sorted(set(state_raw) - set(state_other))
-    if missing or extra:
-        raise ValueError(
-            f"--path_raw and {other} hold different tensors (only in {other}: {missing[:3]}, only in raw: "
-            f"{extra[:3]}): is --path_raw the model the diff belongs to?"
-        )
-    for key, tensor in state_other.items():
-        if state_raw[key].shape != tensor.shape:
-            raise ValueError(
-                f"tensor {key} has shape {tuple(tensor.shape)} in {other} but {tuple(state_raw[key].shape)} "
-                "in --path_raw: is --path_raw the model the diff belongs to?"
-            )
-
-
-def naive_sum(state: dict, keys: list[str]):
-    """Upstream's integrity number: the sum of every parameter, accumulated tensor by tensor in fp32."""
-    return sum(state[key].sum() for key in keys)
-
-
-def save_with_tokenizer(model, tokenizer, tokenizer_source: str, output_dir: Path) -> None:
-    """Save the model and its tokenizer, plus the sentencepiece `tokenizer.model` when there is one."""
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    sp_model = Path(tokenizer_source) / "tokenizer.model"
-    if sp_model.is_file():
-        shutil.copy(sp_model, output_dir / "tokenizer.model")
-
-
 def read_integrity(folder: str, flag: str = "--path_diff") -> dict | None:
     """The folder's integrity record, None when it has none."""
     path = Path(folder) / INTEGRITY_FILE
@@ -145,45 +106,6 @@ def read_integrity_file(path: Path, flag: str) -> dict:
     return record
 
 
-def make_diff(
-    path_raw: str, path_tuned: str, path_diff: str, device: str = "cpu", overwrite: bool = False
-) -> dict:
-    """Write `tuned - raw` (fp32) to `path_diff` with the tuned tokenizer and the per-tensor hashes of
-    what recovery will rebuild. Returns the integrity record."""
-    import torch
-    from tqdm import tqdm
-
-    out = prepare_output_path(path_diff, overwrite, "--path_diff", (path_raw, path_tuned))
-    check_model_path(path_tuned, "--path_tuned")
-    path_raw, _ = resolve_base_model(path_raw, "--path_raw")
-    with torch.inference_mode():
-        model_tuned = load_fp32_model(path_tuned, device, "--path_tuned")
-        model_raw = load_fp32_model(path_raw, device, "--path_raw")
-        tokenizer_tuned = load_plain_tokenizer(path_tuned)
-        match_raw_vocabulary(model_raw, load_plain_tokenizer(path_raw), tokenizer_tuned, model_tuned)
-        state_tuned, state_raw = model_tuned.state_dict(), model_raw.state_dict()
-        check_same_tensors(state_raw, state_tuned, "--path_tuned")
-        keys = unique_keys(state_tuned)
-        tensors, total = {}, 0
-        for key in tqdm(keys, desc="make_diff"):
-            state_tuned[key].sub_(state_raw[key])
-            recovered = state_tuned[key] + state_raw[key]  # exactly what recover's add_ will produce
-            tensors[key] = {"sha256": tensor_sha256(recovered), "shape": list(recovered.shape)}
-            total = total + recovered.sum()
-            del recovered
-        record = {
-            "format": INTEGRITY_FORMAT,
-            "dtype": "float32",
-            "sum": float(total),
-            "tensors": tensors,
-        }
-        with staged_output(out) as staging:
-            save_with_tokenizer(model_tuned, tokenizer_tuned, path_tuned, staging)
-            (staging / INTEGRITY_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote weight diff of {len(keys)} tensors to {out} (hashes in {INTEGRITY_FILE})")
-    return record
-
-
 def check_recovered_tensor(key: str, tensor, integrity: dict) -> None:
     expected = integrity["tensors"].get(key)
     if expected is None:
@@ -193,21 +115,6 @@ def check_recovered_tensor(key: str, tensor, integrity: dict) -> None:
             f"recovered tensor {key} does not match the SHA-256 recorded when the diff was made: the diff "
             "was altered or corrupted, or --path_raw is not the raw model it was made from"
         )
-
-
-def check_naive_sum(state: dict, keys: list[str], integrity: dict | None) -> None:
-    """Upstream's check: the sum of all recovered parameters against the recorded (or Alpaca-7B) value."""
-    import torch
-
-    expected = integrity["sum"] if integrity else ALPACA_7B_SUM
-    allsum = naive_sum(state, keys)
-    if not torch.allclose(allsum, torch.full_like(allsum, expected), atol=NAIVE_SUM_ATOL, rtol=0):
-        source = "recorded in the diff" if integrity else "of Alpaca-7B (this diff records no sum)"
-        raise ValueError(
-            f"naive integrity check failed: the recovered parameters sum to {float(allsum):.4f}, not the "
-            f"{expected:.4f} {source}; pass --check_integrity_naively=False for other models"
-        )
-    print(f"naive integrity check passed: sum of all parameters {float(allsum):.4f}")
 
 
 def run_test_inference(model, tokenizer, prompt_template: str = DEFAULT_TEST_TEMPLATE) -> str:
@@ -224,6 +131,232 @@ def run_test_inference(model, tokenizer, prompt_template: str = DEFAULT_TEST_TEM
     return text
 
 
+@dataclass
+class RawPadding:
+    """How the raw embeddings grow before the arithmetic, as Stanford's `smart_tokenizer_and_embedding_resize`
+    does (`alpaca.modeling.resize_embeddings_for_new_tokens`): cut or extended to `rows`, then the last
+    `added` rows set to the mean of the rows before them."""
+
+    rows: int
+    added: int
+
+    def apply(self, weight):
+        import torch
+
+        if self.rows <= weight.shape[0]:
+            padded = weight[: self.rows].clone()
+        else:
+            extra = weight.new_empty((self.rows - weight.shape[0], *weight.shape[1:]))
+            padded = torch.cat([weight, extra])
+        padded[-self.added :] = padded[: -self.added].mean(dim=0, keepdim=True)
+        return padded
+
+
+def raw_padding(raw_folder: Path, tokenizer_tuned) -> RawPadding | None:
+    """Alpaca's `[PAD]` for the raw model when the tuned tokenizer has it and the raw one does not."""
+    if PAD_TOKEN not in tokenizer_tuned.get_vocab():
+        return None
+    tokenizer_raw = load_plain_tokenizer(str(raw_folder))
+    if PAD_TOKEN in tokenizer_raw.get_vocab():
+        return None
+    added = tokenizer_raw.add_special_tokens({"pad_token": PAD_TOKEN})
+    return RawPadding(rows=len(tokenizer_raw), added=added) if added > 0 else None
+
+
+@dataclass
+class DiffPlan:
+    """Where each tensor of the model lives in the raw files and in the other folder (tuned or diff)."""
+
+    layout: ModelLayout
+    raw: WeightReader
+    other: WeightReader
+    raw_names: dict[str, str]
+    other_names: dict[str, str]
+    padding: RawPadding | None
+
+    def padded(self, key: str) -> bool:
+        return self.padding is not None and key in (self.layout.input_embedding, self.layout.output_embedding)
+
+    def raw_tensor(self, key: str, device: str):
+        """The raw tensor in fp32 on `device`, `[PAD]`-extended for the embeddings."""
+        import torch
+
+        tensor = self.raw.get(self.raw_names[key]).to(device=device, dtype=torch.float32)
+        return self.padding.apply(tensor) if self.padded(key) else tensor
+
+    def other_tensor(self, key: str, device: str):
+        import torch
+
+        return self.other.get(self.other_names[key]).to(device=device, dtype=torch.float32)
+
+    def close(self) -> None:
+        self.raw.close()
+        self.other.close()
+
+
+def unmatched_names(reader: WeightReader, layout: ModelLayout, used: set[str]) -> list[str]:
+    """Tensors in `reader`'s files that are no tensor of the model (buffers such as old checkpoints'
+    `rotary_emb.inv_freq` aside, which `from_pretrained` ignores too)."""
+    buffers = {name.rsplit(".", 1)[-1] for name in layout.buffers}
+    return sorted(n for n in reader.files if n not in used and n.rsplit(".", 1)[-1] not in buffers)
+
+
+def plan_diff(raw_folder: Path, other_folder: Path, other: str, tokenizer_other) -> DiffPlan:
+    """Open both folders, match every tensor of the model by name and check every shape, all before any
+    arithmetic; a mismatch is a ValueError naming the first tensor."""
+    layout = model_layout(other_folder, other)
+    raw, theirs = WeightReader(raw_folder, "--path_raw"), WeightReader(other_folder, other)
+    raw_names = {k: n for k in layout.keys if (n := layout.name_in(k, raw)) is not None}
+    other_names = {k: n for k in layout.keys if (n := layout.name_in(k, theirs)) is not None}
+    lacking = [k for k in layout.keys if k not in other_names]
+    if lacking:
+        raise ValueError(
+            f"{other}={str(other_folder)!r} lacks tensors its config.json implies, e.g. {lacking[:3]}: the "
+            "folder is incomplete or damaged"
+        )
+    only_other = [k for k in layout.keys if k not in raw_names]
+    only_raw = unmatched_names(raw, layout, set(raw_names.values()))
+    if only_other or only_raw:
+        raise ValueError(
+            f"--path_raw and {other} hold different tensors (only in {other}: {only_other[:3]}, only in raw: "
+            f"{only_raw[:3]}): is --path_raw the model the diff belongs to?"
+        )
+    padding = raw_padding(raw_folder, tokenizer_other)
+    plan = DiffPlan(layout, raw, theirs, raw_names, other_names, padding)
+    for key in layout.keys:
+        shape = theirs.shapes[other_names[key]]
+        if shape != layout.shapes[key]:
+            raise ValueError(
+                f"{other}: tensor {key} has shape {shape} in its weight files but {layout.shapes[key]} in its "
+                "config.json: the folder is inconsistent"
+            )
+        raw_shape = raw.shapes[raw_names[key]]
+        if plan.padded(key):
+            raw_shape = (padding.rows, *raw_shape[1:])
+        if key == layout.input_embedding and raw_shape[0] != shape[0]:
+            raise ValueError(
+                f"--path_raw has {raw_shape[0]} embedding rows but the tuned/diff model has {shape[0]} (after "
+                "adding [PAD] when the tuned tokenizer has it): was the diff made from another raw model?"
+            )
+        if raw_shape != shape:
+            raise ValueError(
+                f"tensor {key} has shape {shape} in {other} but {raw_shape} in --path_raw: is --path_raw "
+                "the model the diff belongs to?"
+            )
+    return plan
+
+
+def save_metadata(source: Path, tokenizer, output_dir: Path) -> None:
+    """What save_pretrained writes beside the weights: the config (now float32), the generation config,
+    and the tokenizer, plus the sentencepiece `tokenizer.model` when the source has one."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = load_model_config(str(source), "--path_tuned")
+    config.dtype = torch.float32
+    config.save_pretrained(output_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(str(source))
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    sp_model = source / "tokenizer.model"
+    if sp_model.is_file():
+        shutil.copy(sp_model, output_dir / "tokenizer.model")
+
+
+@contextlib.contextmanager
+def streamed_weights(folder: Path | None, layout: ModelLayout, max_shard_size: int):
+    """A `SafetensorsWriter` for every tensor of `layout` in fp32 into `folder` (None: write nothing)."""
+    if folder is None:
+        yield None
+        return
+    writer = SafetensorsWriter(
+        folder, [(key, layout.shapes[key], "float32") for key in layout.keys], max_shard_size
+    )
+    try:
+        yield writer
+        writer.close()
+    finally:
+        writer.abort()
+
+
+def make_diff(
+    path_raw: str,
+    path_tuned: str,
+    path_diff: str,
+    device: str = "cpu",
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> dict:
+    """Write `tuned - raw` (fp32) to `path_diff`, one tensor at a time, with the tuned tokenizer and the
+    per-tensor hashes of what recovery will rebuild. Returns the integrity record."""
+    import torch
+    from tqdm import tqdm
+
+    shard_bytes = parse_size(max_shard_size)
+    out = prepare_output_path(path_diff, overwrite, "--path_diff", (path_raw, path_tuned))
+    check_model_path(path_tuned, "--path_tuned")
+    path_raw, _ = resolve_base_model(path_raw, "--path_raw")
+    tuned_folder = local_model_folder(path_tuned, "--path_tuned")
+    raw_folder = local_model_folder(path_raw, "--path_raw")
+    tokenizer_tuned = load_plain_tokenizer(str(tuned_folder))
+    plan = plan_diff(raw_folder, tuned_folder, "--path_tuned", tokenizer_tuned)
+    keys = plan.layout.keys
+    tensors, total = {}, 0
+    try:
+        with torch.inference_mode(), staged_output(out) as staging:
+            with streamed_weights(staging, plan.layout, shard_bytes) as writer:
+                for key in tqdm(keys, desc="make_diff"):
+                    raw = plan.raw_tensor(key, device)
+                    diff = plan.other_tensor(key, device) - raw
+                    recovered = diff + raw  # exactly what recover will compute
+                    tensors[key] = {"sha256": tensor_sha256(recovered), "shape": list(recovered.shape)}
+                    total = total + recovered.sum()
+                    del raw, recovered
+                    writer.write(key, diff.cpu())
+                    del diff
+            record = {"format": INTEGRITY_FORMAT, "dtype": "float32", "sum": float(total), "tensors": tensors}
+            save_metadata(tuned_folder, tokenizer_tuned, staging)
+            (staging / INTEGRITY_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    finally:
+        plan.close()
+    print(f"wrote weight diff of {len(keys)} tensors to {out} (hashes in {INTEGRITY_FILE})")
+    return record
+
+
+def check_naive_sum(total, integrity: dict | None) -> None:
+    """Upstream's check: the sum of all recovered parameters (accumulated tensor by tensor in fp32)
+    against the recorded (or Alpaca-7B) value."""
+    import torch
+
+    expected = integrity["sum"] if integrity else ALPACA_7B_SUM
+    total = torch.as_tensor(total, dtype=torch.float32)
+    if not torch.allclose(total, torch.full_like(total, expected), atol=NAIVE_SUM_ATOL, rtol=0):
+        source = "recorded in the diff" if integrity else "of Alpaca-7B (this diff records no sum)"
+        raise ValueError(
+            f"naive integrity check failed: the recovered parameters sum to {float(total):.4f}, not the "
+            f"{expected:.4f} {source}; pass --check_integrity_naively=False for other models"
+        )
+    print(f"naive integrity check passed: sum of all parameters {float(total):.4f}")
+
+
+@contextlib.contextmanager
+def recovery_folder(out: Path | None, needed: bool):
+    """Where recovered weights go: staged and swapped into `out`; without `out`, a temporary folder when
+    the smoke test needs the model on disk (deleted afterwards); else nowhere (check only)."""
+    if out is not None:
+        with staged_output(out) as staging:
+            yield staging
+    elif needed:
+        with tempfile.TemporaryDirectory(prefix="alpaca-recovered-") as folder:
+            print(f"no --path_tuned: recovering into the temporary folder {folder} for the smoke test")
+            yield Path(folder)
+    else:
+        yield None
+
+
 def recover(
     path_raw: str,
     path_diff: str,
@@ -233,12 +366,17 @@ def recover(
     check_integrity_naively: bool = True,
     overwrite: bool = False,
     prompt_template: str = DEFAULT_TEST_TEMPLATE,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ):
-    """Rebuild the tuned model as `raw + diff` (fp32), check every tensor's hash, save it with its
-    tokenizer and the diff's integrity record when `path_tuned` is given. Returns (model, tokenizer)."""
+    """Rebuild the tuned model as `raw + diff` (fp32) one tensor at a time, check every tensor's hash,
+    and write it with its tokenizer and the diff's integrity record when `path_tuned` is given.
+
+    Returns (model, tokenizer): the recovered model as loaded for the smoke test (None without
+    `test_inference`) and its tokenizer."""
     import torch
     from tqdm import tqdm
 
+    shard_bytes = parse_size(max_shard_size)
     out = (
         prepare_output_path(path_tuned, overwrite, "--path_tuned", (path_raw, path_diff))
         if path_tuned
@@ -250,46 +388,61 @@ def recover(
         load_template(prompt_template)  # a wrong template name fails now, not after the recovery
     check_model_path(path_diff, "--path_diff")
     path_raw, _ = resolve_base_model(path_raw, "--path_raw")
-    integrity = read_integrity(path_diff)
+    diff_folder = local_model_folder(path_diff, "--path_diff")
+    raw_folder = local_model_folder(path_raw, "--path_raw")
+    integrity = read_integrity(str(diff_folder))
     if integrity is None:
         print(f"{path_diff} has no {INTEGRITY_FILE} (a diff made by upstream): per-tensor hashes not checked")
-    with torch.inference_mode():
-        model_raw = load_fp32_model(path_raw, device, "--path_raw")
-        model_recovered = load_fp32_model(path_diff, device, "--path_diff")
-        tokenizer_recovered = load_plain_tokenizer(path_diff)
-        match_raw_vocabulary(model_raw, load_plain_tokenizer(path_raw), tokenizer_recovered, model_recovered)
-        state_recovered, state_raw = model_recovered.state_dict(), model_raw.state_dict()
-        check_same_tensors(state_raw, state_recovered, "--path_diff")
-        keys = unique_keys(state_recovered)
-        if integrity is not None and sorted(keys) != sorted(integrity["tensors"]):
-            missing = sorted(set(integrity["tensors"]) - set(keys))
+    tokenizer = load_plain_tokenizer(str(diff_folder))
+    plan = plan_diff(raw_folder, diff_folder, "--path_diff", tokenizer)
+    keys = plan.layout.keys
+    if integrity is not None and sorted(keys) != sorted(integrity["tensors"]):
+        missing = sorted(set(integrity["tensors"]) - set(keys))
+        extra = sorted(set(keys) - set(integrity["tensors"]))
+        if not missing:
             raise ValueError(
-                f"the diff lacks tensors recorded in its {INTEGRITY_FILE}: {missing[:3]}; it was altered"
+                f"tensor {extra[0]} is in the diff but not in its {INTEGRITY_FILE}: the diff was altered"
             )
-        for key in tqdm(keys, desc="recover"):
-            state_recovered[key].add_(state_raw[key])
-            if integrity is not None:
-                check_recovered_tensor(key, state_recovered[key], integrity)
-        del model_raw, state_raw
-        if integrity is not None:
-            print(f"all {len(keys)} recovered tensors match their recorded SHA-256")
-        if check_integrity_naively:
-            check_naive_sum(state_recovered, keys, integrity)
-        if out is not None:
-            with staged_output(out) as staging:
-                save_with_tokenizer(model_recovered, tokenizer_recovered, path_diff, staging)
+        raise ValueError(
+            f"the diff lacks tensors recorded in its {INTEGRITY_FILE}: {missing[:3]}; it was altered"
+        )
+    model = None
+    try:
+        with torch.inference_mode(), recovery_folder(out, test_inference) as folder:
+            total = 0
+            with streamed_weights(folder, plan.layout, shard_bytes) as writer:
+                for key in tqdm(keys, desc="recover"):
+                    recovered = plan.other_tensor(key, device) + plan.raw_tensor(key, device)
+                    if integrity is not None:
+                        check_recovered_tensor(key, recovered, integrity)
+                    total = total + recovered.sum()
+                    if writer is not None:
+                        writer.write(key, recovered.cpu())
+                    del recovered
+                if integrity is not None:
+                    print(f"all {len(keys)} recovered tensors match their recorded SHA-256")
+                if check_integrity_naively:
+                    check_naive_sum(total, integrity)
+            plan.close()
+            if folder is not None:
+                save_metadata(diff_folder, tokenizer, folder)
                 if integrity is not None:  # so `verify` can check this copy later
-                    shutil.copy(Path(path_diff) / INTEGRITY_FILE, staging / INTEGRITY_FILE)
-            print(f"wrote recovered model to {out}")
-        if test_inference:
-            run_test_inference(model_recovered, tokenizer_recovered, prompt_template)
-    return model_recovered, tokenizer_recovered
+                    shutil.copy(diff_folder / INTEGRITY_FILE, folder / INTEGRITY_FILE)
+            if test_inference:
+                model = load_fp32_model(str(folder), device, "--path_tuned")
+                run_test_inference(model, tokenizer, prompt_template)
+    finally:
+        plan.close()
+    if out is not None:
+        print(f"wrote recovered model to {out}")
+    return model, tokenizer
 
 
 def verify(path_tuned: str, integrity_file: str | None = None, device: str = "cpu") -> int:
-    """Check a recovered model against the per-tensor SHA-256 recorded when its diff was made (the
-    `weight_diff_integrity.json` that `recover` copies beside it, or `integrity_file`). Returns the
-    number of tensors checked; the first one that differs is a ValueError naming it."""
+    """Check a recovered model, one tensor at a time, against the per-tensor SHA-256 recorded when its
+    diff was made (the `weight_diff_integrity.json` that `recover` copies beside it, or
+    `integrity_file`). Returns the number of tensors checked; the first one that differs is a ValueError
+    naming it. `device` is accepted for upstream-style commands; hashing runs on the CPU."""
     import torch
 
     check_model_path(path_tuned, "--path_tuned")
@@ -305,20 +458,25 @@ def verify(path_tuned: str, integrity_file: str | None = None, device: str = "cp
                 f"--path_tuned={path_tuned!r} has no {INTEGRITY_FILE} (recover writes it since this version); "
                 f"pass --integrity_file=<the diff folder>/{INTEGRITY_FILE}"
             )
-    with torch.inference_mode():
-        model = load_fp32_model(path_tuned, device, "--path_tuned")
-        state = model.state_dict()
-        keys = unique_keys(state)
-        if sorted(keys) != sorted(integrity["tensors"]):
-            differ = sorted(set(keys) ^ set(integrity["tensors"]))
+    folder = local_model_folder(path_tuned, "--path_tuned")
+    layout = model_layout(folder, "--path_tuned")
+    reader = WeightReader(folder, "--path_tuned")
+    try:
+        names = {k: n for k in layout.keys if (n := layout.name_in(k, reader)) is not None}
+        if sorted(names) != sorted(integrity["tensors"]):
+            differ = sorted(set(names) ^ set(integrity["tensors"]))
             raise ValueError(
                 f"--path_tuned={path_tuned!r} and the integrity record hold different tensors, e.g. {differ[:3]}"
             )
-        for key in keys:
-            if tensor_sha256(state[key]) != integrity["tensors"][key]["sha256"]:
+        for key in layout.keys:
+            tensor = reader.get(names[key]).to(torch.float32)
+            if tensor_sha256(tensor) != integrity["tensors"][key]["sha256"]:
                 raise ValueError(
                     f"tensor {key} of {path_tuned} does not match the SHA-256 recorded when the diff was made: "
                     "the model was altered or damaged after recovery"
                 )
-    print(f"verified: all {len(keys)} tensors of {path_tuned} match their recorded SHA-256")
-    return len(keys)
+            del tensor
+    finally:
+        reader.close()
+    print(f"verified: all {len(layout.keys)} tensors of {path_tuned} match their recorded SHA-256")
+    return len(layout.keys)

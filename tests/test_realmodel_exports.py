@@ -19,6 +19,7 @@ from helpers.export_fixtures import (
     require_converters,
     run_converter,
 )
+from helpers.weight_diffs import in_memory_make_diff
 
 from alpaca.export import export_gguf, export_hf, export_meta
 
@@ -300,3 +301,12 @@ def test_weight_diff_round_trip(smollm2, smollm2_gguf, hf_fp32, tmp_path, capsys
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
         assert torch.allclose(got[name], tensor, rtol=0, atol=1e-6), name
+    # Streaming gives the bits of the two-fp32-models-in-memory recipe: tied embeddings, BPE vocabulary.
+    reference_diff, reference_record = in_memory_make_diff(smollm2, str(tuned))
+    assert record == reference_record
+    diff_files = {}
+    for shard in (tmp_path / "diff").glob("*.safetensors"):
+        diff_files.update(load_file(shard))
+    assert sorted(diff_files) == sorted(reference_diff)
+    for name, tensor in reference_diff.items():
+        assert torch.equal(diff_files[name], tensor), name

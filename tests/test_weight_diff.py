@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.weight_diffs import in_memory_make_diff
 
 from alpaca.weights import ALPACA_7B_SUM, INTEGRITY_FILE, make_diff, recover, tensor_sha256
 
@@ -266,3 +267,198 @@ def test_smoke_test_prompt_is_the_training_template(diff, tiny_llama, capsys):
     assert (
         f"Input: {Prompter('alpaca').generate_prompt(TEST_INSTRUCTION)}\nOutput: " in capsys.readouterr().out
     )
+
+
+# --- streaming: the same bits as the in-memory recipe, one tensor at a time ------------------------------
+
+
+def save_as_bin_shards(state: dict, folder: Path, per_shard: int) -> None:
+    """Weights as Stanford published its diff: torch.save shards plus pytorch_model.bin.index.json."""
+    import torch
+
+    names = list(state)
+    groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        file = f"pytorch_model-{i:05d}-of-{len(groups):05d}.bin"
+        torch.save({name: state[name].clone() for name in group}, folder / file)
+        weight_map.update(dict.fromkeys(group, file))
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+
+
+@pytest.fixture(scope="module")
+def opt_pair(tiny_opt, tmp_path_factory):
+    """OPT's case: tied embeddings, and a raw model with more embedding rows than its tokenizer (OPT-6.7B:
+    50,272 rows, 50,265 tokens), so Stanford's resize to len(tokenizer) + [PAD] cuts rows. The raw model is
+    stored as facebook/opt's files are: pytorch_model.bin, names without the `model.` prefix."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alpaca.modeling import resize_embeddings_for_new_tokens
+
+    root = tmp_path_factory.mktemp("opt_pair")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_opt)
+    model = AutoModelForCausalLM.from_pretrained(tiny_opt, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer) + 8, mean_resizing=False)
+    raw = root / "raw"
+    model.save_pretrained(raw)
+    tokenizer.save_pretrained(raw)
+    (raw / "model.safetensors").unlink()
+    state = {
+        key.removeprefix("model."): t for key, t in model.state_dict().items() if key != "lm_head.weight"
+    }
+    torch.save(state, raw / "pytorch_model.bin")
+
+    resize_embeddings_for_new_tokens(model, tokenizer, tokenizer.add_special_tokens({"pad_token": "[PAD]"}))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    tuned = root / "tuned"
+    model.to(torch.bfloat16).save_pretrained(tuned)  # a bf16 fine-tune: the diff is still made in fp32
+    tokenizer.save_pretrained(tuned)
+    return str(raw), str(tuned)
+
+
+@pytest.mark.parametrize("case", ["llama", "opt"])
+def test_streamed_diff_has_the_in_memory_bits(case, diff, tiny_llama, tuned, opt_pair, tmp_path):
+    """Same diff tensors, same per-tensor hashes and the same naive sum as the two-models-in-memory recipe,
+    including the mean-initialised [PAD] row (untied LLaMA; tied OPT with its rows cut) and a bf16 tuned
+    model; and recover rebuilds exactly the hashed values."""
+    import torch
+
+    raw_path, tuned_path = (tiny_llama, tuned) if case == "llama" else opt_pair
+    expected_diff, expected_record = in_memory_make_diff(raw_path, tuned_path)
+    out = tmp_path / "diff"
+    record = diff[1] if case == "llama" else make_diff(raw_path, tuned_path, str(out))
+    out = diff[0] if case == "llama" else out
+    assert record == expected_record  # hashes, shapes and the sum, bit for bit
+    got = load_state(out)
+    assert sorted(got) == sorted(set(load_state(tuned_path)))
+    for key, tensor in expected_diff.items():
+        assert torch.equal(got[key], tensor), key
+    recover(raw_path, str(out), str(tmp_path / "recovered"), test_inference=False)
+    recovered = load_state(tmp_path / "recovered")
+    for key, entry in expected_record["tensors"].items():
+        assert tensor_sha256(recovered[key]) == entry["sha256"], key
+
+
+def test_output_is_what_save_pretrained_writes(diff, tiny_llama, tmp_path):
+    """The recovered folder next to save_pretrained's own output for the same model: the same config and
+    generation config, the same tensor names, and with a small --max_shard_size the shard files and index
+    save_pretrained writes; from_pretrained loads every layout."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    streamed = tmp_path / "streamed"
+    recover(tiny_llama, str(diff[0]), str(streamed), test_inference=False)
+    model = AutoModelForCausalLM.from_pretrained(streamed, dtype=torch.float32)
+    reference = tmp_path / "reference"
+    model.save_pretrained(reference)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((streamed / name).read_text()) == json.loads((reference / name).read_text()), name
+    with (
+        safe_open(streamed / "model.safetensors", "pt") as ours,
+        safe_open(reference / "model.safetensors", "pt") as theirs,
+    ):
+        assert sorted(ours.keys()) == sorted(theirs.keys()) and ours.metadata()["format"] == "pt"
+        for key in ours.keys():
+            assert torch.equal(ours.get_tensor(key), theirs.get_tensor(key)), key
+
+    sharded = tmp_path / "sharded"
+    recover(tiny_llama, str(diff[0]), str(sharded), test_inference=False, max_shard_size="300KB")
+    reference_sharded = tmp_path / "reference_sharded"
+    model.save_pretrained(reference_sharded, max_shard_size="300KB")
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) > 2 and files == sorted(p.name for p in reference_sharded.glob("*.safetensors"))
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    expected_index = json.loads((reference_sharded / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(expected_index["weight_map"])
+    assert index["metadata"]["total_size"] == expected_index["metadata"]["total_size"]
+    reloaded = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).state_dict()
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(reloaded[key], tensor), key
+    from alpaca.weights import verify
+
+    assert verify(str(sharded)) == len(diff[1]["tensors"])
+
+
+def test_a_stanford_style_bin_diff_recovers(diff, tiny_llama, tmp_path, capsys):
+    """Stanford published its diff as pytorch_model-0000i-of-0000n.bin shards with an index: recover reads
+    them one tensor at a time (memory-mapped) and rebuilds the same hashes."""
+    bin_diff = tmp_path / "bin_diff"
+    shutil.copytree(diff[0], bin_diff)
+    (bin_diff / "model.safetensors").unlink()
+    save_as_bin_shards(load_state(diff[0]), bin_diff, per_shard=7)
+    assert len(list(bin_diff.glob("*.bin"))) == 3
+    recover(tiny_llama, str(bin_diff), str(tmp_path / "out"), test_inference=False)
+    assert f"all {len(diff[1]['tensors'])} recovered tensors match" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / INTEGRITY_FILE).read_text()) == diff[1]
+
+
+def test_one_tensor_at_a_time(diff, tiny_llama, tuned, tmp_path, monkeypatch):
+    """Every tensor read from the weight files is released before the next tensor after it is read: at most
+    the raw and the other tensor of one name are alive at once, in make_diff, recover and verify."""
+    import gc
+    import weakref
+
+    from alpaca import weight_files
+    from alpaca.weights import verify
+
+    alive, peak, reads = set(), [0], iter(range(10**6))
+    original = weight_files.WeightReader.get
+
+    def tracked(self, name):
+        tensor = original(self, name)
+        number = next(reads)
+        alive.add(number)
+        weakref.finalize(tensor, alive.discard, number)
+        peak[0] = max(peak[0], len(alive))
+        return tensor
+
+    monkeypatch.setattr(weight_files.WeightReader, "get", tracked)
+    make_diff(tiny_llama, tuned, str(tmp_path / "d"))
+    recover(tiny_llama, str(tmp_path / "d"), str(tmp_path / "r"), test_inference=False)
+    verify(str(tmp_path / "r"))
+    gc.collect()
+    assert peak[0] == 2 and not alive
+
+
+def test_layout_mistakes_are_named(diff, tiny_llama, tuned, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from alpaca.weight_files import SafetensorsWriter, local_model_folder, parse_size
+
+    bigger_raw = tmp_path / "bigger_raw"  # the raw files hold a layer the tuned model does not have
+    shutil.copytree(tiny_llama, bigger_raw)
+    weights = load_file(bigger_raw / "model.safetensors")
+    weights["model.layers.9.mlp.up_proj.weight"] = weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(
+        {k: v.clone() for k, v in weights.items()},
+        bigger_raw / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    with pytest.raises(ValueError, match=r"only in raw: \['model\.layers\.9\.mlp\.up_proj\.weight'\]"):
+        make_diff(str(bigger_raw), tuned, str(tmp_path / "d"))
+    incomplete = tmp_path / "incomplete"  # a diff whose files lack a tensor its config implies
+    shutil.copytree(diff[0], incomplete)
+    weights = load_file(incomplete / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, incomplete / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"--path_diff=.*lacks tensors its config\.json implies.*model\.norm"
+    ):
+        recover(tiny_llama, str(incomplete), test_inference=False)
+    with pytest.raises(ValueError, match="--path_raw='nobody/no-such-model': not a local folder"):
+        local_model_folder("nobody/no-such-model", "--path_raw")
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(1024) == 1024
+    with pytest.raises(ValueError, match="--max_shard_size='5 parsecs'"):
+        parse_size("5 parsecs")
+    writer = SafetensorsWriter(tmp_path, [("a", (2,), "float32"), ("b", (3,), "float32")], 10**9)
+    with pytest.raises(ValueError, match="expected tensor .*'a'"):
+        writer.write("b", torch.zeros(3))
+    writer.abort()

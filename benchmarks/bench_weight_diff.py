@@ -1,0 +1,221 @@
+"""Peak memory of weight diffs: our streaming make_diff / recover against upstream's in-memory recipe.
+
+    python benchmarks/bench_weight_diff.py                                  # SmolLM2 + a 0.44B LLaMA
+    python benchmarks/bench_weight_diff.py --models=smollm2                 # the real model only
+    python benchmarks/bench_weight_diff.py --models=synthetic --layers=24   # a bigger random LLaMA
+
+Upstream's `weight_diff.py` (Stanford Alpaca) loads the raw and the tuned model in fp32, gives the raw
+one `[PAD]` (mean row), subtracts or adds in place and calls save_pretrained: two fp32 models in memory
+(about 56 GB for a 7B model). Ours streams one tensor at a time. Each step runs in its own process and
+its peak resident memory (ru_maxrss) is reported next to the floor (a process that only imports torch,
+transformers and safetensors), so the part that grows with the model is visible. Both recipes recover
+the same bits: the benchmark checks every recovered tensor's SHA-256 against the other recipe's.
+
+The "tuned" model is the raw one with `[PAD]` added and every weight moved, saved in fp32, as
+Stanford's training leaves it. Needs about 8x the model's fp32 size of free disk under --workdir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FLOOR = "import torch, transformers, safetensors"
+
+
+def child_env() -> dict:
+    return os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+
+
+def run_measured(code: str) -> tuple[float, float]:
+    """Run `code` in a fresh Python; return (peak RSS in MiB, wall seconds)."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=child_env())
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"child failed ({process.returncode}): {code[:200]}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - start
+
+
+PREPARE = """
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from alpaca.modeling import resize_embeddings_for_new_tokens
+raw, tuned, layers, hidden = {raw!r}, {tuned!r}, {layers}, {hidden}
+if {synthetic}:
+    from alpaca.tiny import build_tiny_model
+    tokenizer = AutoTokenizer.from_pretrained({tokenizer!r})
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(raw); tokenizer.save_pretrained(raw)
+else:
+    raw = {source!r}
+tokenizer = AutoTokenizer.from_pretrained(raw)
+model = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32)
+resize_embeddings_for_new_tokens(model, tokenizer, tokenizer.add_special_tokens({{"pad_token": "[PAD]"}}))
+torch.manual_seed(1)
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 1e-3)
+model.save_pretrained(tuned); tokenizer.save_pretrained(tuned)
+print(sum(p.numel() for p in model.parameters()))
+"""
+
+# Stanford Alpaca's weight_diff.py, as published (minus the smoke test and the 7B-only sum check), with
+# one fix: upstream loops over every state-dict key, so a tied embedding (SmolLM2) is updated twice.
+UNIQUE = """
+def unique(state):
+    seen = set()
+    return [k for k, t in state.items() if not (t.data_ptr() in seen or seen.add(t.data_ptr()))]
+"""
+UPSTREAM_MAKE = (
+    UNIQUE
+    + """
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from alpaca.modeling import resize_embeddings_for_new_tokens
+raw, tuned, out = {raw!r}, {tuned!r}, {out!r}
+model_tuned = AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)
+model_raw = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32)
+tokenizer_tuned, tokenizer_raw = AutoTokenizer.from_pretrained(tuned), AutoTokenizer.from_pretrained(raw)
+if "[PAD]" not in tokenizer_raw.get_vocab():
+    resize_embeddings_for_new_tokens(model_raw, tokenizer_raw, tokenizer_raw.add_special_tokens({{"pad_token": "[PAD]"}}))
+state_tuned, state_raw = model_tuned.state_dict(), model_raw.state_dict()
+with torch.no_grad():
+    for key in unique(state_tuned):
+        state_tuned[key].add_(-state_raw[key])
+model_tuned.save_pretrained(out); tokenizer_tuned.save_pretrained(out)
+"""
+)
+UPSTREAM_RECOVER = (
+    UNIQUE
+    + """
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from alpaca.modeling import resize_embeddings_for_new_tokens
+raw, diff, out = {raw!r}, {diff!r}, {out!r}
+model_raw = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32)
+model_recovered = AutoModelForCausalLM.from_pretrained(diff, dtype=torch.float32)
+tokenizer_raw, tokenizer_recovered = AutoTokenizer.from_pretrained(raw), AutoTokenizer.from_pretrained(diff)
+if "[PAD]" not in tokenizer_raw.get_vocab():
+    resize_embeddings_for_new_tokens(model_raw, tokenizer_raw, tokenizer_raw.add_special_tokens({{"pad_token": "[PAD]"}}))
+state_recovered, state_raw = model_recovered.state_dict(), model_raw.state_dict()
+with torch.no_grad():
+    for key in unique(state_recovered):
+        state_recovered[key].add_(state_raw[key])
+model_recovered.save_pretrained(out); tokenizer_recovered.save_pretrained(out)
+"""
+)
+OURS_MAKE = "from alpaca.weights import make_diff; make_diff({raw!r}, {tuned!r}, {out!r})"
+OURS_RECOVER = "from alpaca.weights import recover; recover({raw!r}, {diff!r}, {out!r}, test_inference=False)"
+
+
+def tensor_hashes(folder: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    hashes = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():
+                data = handle.get_tensor(name).contiguous().reshape(-1).view(__import__("torch").uint8)
+                hashes[name] = hashlib.sha256(data.numpy()).hexdigest()
+    return hashes
+
+
+def bench_model(name: str, workdir: Path, source: str | None, layers: int, hidden: int) -> dict:
+    from alpaca.default_model import default_model_folder
+
+    folder = workdir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    raw, tuned = folder / "raw", folder / "tuned"
+    tokenizer = str(default_model_folder(install=True)) if source is None else source
+    synthetic = source is None
+    params_code = PREPARE.format(
+        raw=str(raw),
+        tuned=str(tuned),
+        layers=layers,
+        hidden=hidden,
+        synthetic=synthetic,
+        tokenizer=tokenizer,
+        source=source or "",
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", params_code],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    params = int(output.stdout.strip().splitlines()[-1])
+    raw_path = str(raw) if synthetic else source
+    floor, _ = run_measured(FLOOR)
+    result = {"model": name, "params": params, "fp32_mib": params * 4 / 2**20, "floor_mib": floor}
+    for recipe, make, rec in (
+        ("upstream", UPSTREAM_MAKE, UPSTREAM_RECOVER),
+        ("ours", OURS_MAKE, OURS_RECOVER),
+    ):
+        diff, out = folder / f"{recipe}_diff", folder / f"{recipe}_recovered"
+        result[f"{recipe}_make"] = run_measured(make.format(raw=raw_path, tuned=str(tuned), out=str(diff)))
+        result[f"{recipe}_recover"] = run_measured(rec.format(raw=raw_path, diff=str(diff), out=str(out)))
+        print(
+            f"[{name}] {recipe}: make_diff {result[f'{recipe}_make']}, recover {result[f'{recipe}_recover']}"
+        )
+    ours, upstream = tensor_hashes(folder / "ours_recovered"), tensor_hashes(folder / "upstream_recovered")
+    result["identical"] = ours == upstream
+    if not result["identical"]:
+        differ = sorted(k for k in ours.keys() | upstream.keys() if ours.get(k) != upstream.get(k))
+        raise SystemExit(f"[{name}] the recipes recovered different tensors: {differ[:5]}")
+    return result
+
+
+def main(
+    models: str = "smollm2,synthetic",
+    layers: int = 12,
+    hidden: int = 1536,
+    workdir: str = "",
+):
+    """Measure both recipes on each model (smollm2: the real SmolLM2-135M-Instruct; synthetic: a random
+    LLaMA with `layers` layers of width `hidden`, untied embeddings, 32K-class BPE vocabulary)."""
+    from alpaca.default_model import default_model_folder
+
+    chosen = models.split(",") if isinstance(models, str) else list(models)
+    results = []
+    with tempfile.TemporaryDirectory(dir=workdir or None, prefix="bench-weight-diff-") as tmp:
+        for name in chosen:
+            source = str(default_model_folder(install=True)) if name == "smollm2" else None
+            results.append(bench_model(name, Path(tmp), source, layers, hidden))
+    print("\npeak RSS in MiB (floor = a process that only imports torch, transformers, safetensors)")
+    print(
+        "| model | params | fp32 size | floor | step | upstream | ours | ours / upstream | above floor: upstream / ours |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for step in ("make", "recover"):
+            (up, up_s), (ours, ours_s) = r[f"upstream_{step}"], r[f"ours_{step}"]
+            above = (up - r["floor_mib"]) / max(ours - r["floor_mib"], 1.0)
+            print(
+                f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['fp32_mib']:.0f} | {r['floor_mib']:.0f} | "
+                f"{step} | {up:.0f} ({up_s:.1f} s) | {ours:.0f} ({ours_s:.1f} s) | {ours / up:.2f} | {above:.1f}x |"
+            )
+    print("recovered tensors identical between the recipes:", all(r["identical"] for r in results))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
