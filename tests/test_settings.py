@@ -129,6 +129,33 @@ def test_generate_instruction_help_shows_every_setting_help_line():
         assert " ".join(spec.metadata["help"].split()) in text, spec.name
 
 
+def test_generate_instruction_docs_table_lists_the_table_defaults():
+    """docs/generate_instruction.md's flag tables: every setting is listed, and each default written as a
+    value (not "none", "random", "built-in") is the table's."""
+    import re
+
+    defaults = settings.flag_defaults(SelfInstructConfig)
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "generate_instruction.md").read_text()
+    listed = {}
+    for line in doc.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        names = re.findall(r"`(\w+)`", cells[0]) if len(cells) >= 3 else []
+        if names and all(name in defaults for name in names):
+            values = [v.strip().strip("`") for v in cells[1].split(",")]
+            listed.update(zip(names, values if len(values) == len(names) else [cells[1]] * len(names)))
+    assert sorted(listed) == sorted(defaults), "every setting has a row"
+    for name, written in listed.items():
+        default = defaults[name]
+        if default is None or written in ("none", "random (saved)", "built-in", "none (OpenAI)"):
+            assert default is None, f"{name}: the docs say {written!r}, the table {default!r}"
+        elif isinstance(default, bool):
+            assert written == str(default), name
+        elif isinstance(default, (int, float)):
+            assert float(written) == default, f"{name}: the docs say {written}, the table {default}"
+        else:
+            assert written == default, f"{name}: the docs say {written!r}, the table {default!r}"
+
+
 def test_run_config_replays_the_settings(tiny_llama, tmp_path):
     """`finetune.py --config=OUT/run_config.json` resolves to the run's own settings (report keys
     ignored, pass-through flags restored), and a flag on the command line wins."""
