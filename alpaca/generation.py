@@ -363,7 +363,7 @@ class ResponseGenerator:
         encoded = self._encode(prompts)
         config = build_generation_config(self.tokenizer, settings)
         prompt_length = encoded["input_ids"].shape[1]
-        with self._using_model(settings):
+        with self.using_model(settings):
             output = self.model.generate(
                 **encoded, generation_config=config, stopping_criteria=self._stopping_criteria(prompt_length)
             )
@@ -399,7 +399,7 @@ class ResponseGenerator:
 
         def run() -> None:
             try:
-                with self._using_model(settings):
+                with self.using_model(settings):
                     self.model.generate(
                         **encoded, generation_config=config, streamer=streamer, stopping_criteria=criteria
                     )
@@ -459,15 +459,20 @@ class ResponseGenerator:
         return cut_at_stop(self.prompter.get_response(output, prompt=prompt), self.stop_strings)[0]
 
     @contextmanager
-    def _using_model(self, settings: DecodingSettings):
+    def using_model(self, settings: DecodingSettings):
+        """Hold the model for one generation: this generator's lock (other users of the model wait), its
+        adapter active (or the base with the adapter disabled), no autograd, and the request's seed when
+        it samples. The API's batch scheduler runs its own decoding loop inside this."""
         import torch
 
-        with self.lock, self._adapter_context(), torch.inference_mode():
+        with self.lock, self.adapter_context(), torch.inference_mode():
             if settings.do_sample and settings.seed is not None:
                 torch.manual_seed(settings.seed)
             yield
 
-    def _adapter_context(self):
+    def adapter_context(self):
+        """A context in which the model computes as this generator's adapter (or as the bare base when
+        `adapter_name` is None): for forward passes outside `generate`, such as a loss."""
         # A PeftModel exists only once peft is imported; importing it just to check would import
         # bitsandbytes too (peft does when it is installed), for every plain model.
         peft = sys.modules.get("peft")

@@ -107,7 +107,7 @@ def answer_and_score(model, tokenizer, held_out: list[dict], adapter: str | None
     for start in range(0, len(requests), 8):
         replies += generator.generate_replies(requests[start : start + 8], settings)
     answers = [describe_answer(r.text, max_new_tokens, r.num_tokens, stops) for r in replies]
-    with generator._adapter_context():
+    with generator.adapter_context():
         loss = response_loss(model, tokenizer, held_out, prompter, cutoff_len=finetune_flags()["cutoff_len"])
     return answers, loss
 

@@ -463,7 +463,7 @@ class BatchScheduler:
             processors.append(_RowSampler(rows))
         tracker = _RowTracker(rows, self.tokenizer, self.stats)
         # The generator's own context: its lock (other users of the model wait), its adapter, no grad.
-        with self.generator._using_model(greedy):
+        with self.generator.using_model(greedy):
             self.generator.model.generate(
                 input_ids=torch.tensor(input_ids, device=self.device),
                 attention_mask=torch.tensor(mask, device=self.device),
