@@ -110,13 +110,8 @@ def main(
             cores (docs/performance.md).
     """
     from alpaca.batch import check_output_file, read_finished, read_instructions, run_batch
-    from alpaca.generation import (
-        GenerationLimits,
-        describe,
-        load_generators,
-        make_settings,
-        parse_stop_strings,
-    )
+    from alpaca.decoding import GenerationLimits, make_settings, parse_stop_strings
+    from alpaca.generator_loading import describe, load_generators
     from alpaca.modeling import base_model_or_env
 
     base_model = base_model_or_env(base_model)

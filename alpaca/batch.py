@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from alpaca.decoding import DecodingSettings
 from alpaca.files import read_json_values, write_json_atomic
-from alpaca.generation import DecodingSettings, ResponseGenerator
+from alpaca.generation import ResponseGenerator
 
 
 def read_instructions(input_file: str) -> list[dict]:

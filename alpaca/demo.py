@@ -22,14 +22,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from alpaca.generation import (  # noqa: E402
+from alpaca.decoding import (  # noqa: E402
     MAX_BEAMS,
     DecodingSettings,
     GenerationLimits,
-    ResponseGenerator,
     make_settings,
     max_input_chars,
 )
+from alpaca.generation import ResponseGenerator  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

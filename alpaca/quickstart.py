@@ -78,7 +78,7 @@ INVENTED_TURN = re.compile(r"(?m)^#{2,}\s*[A-Z][\w ]{0,30}:")
 def describe_answer(text: str, max_new_tokens: int, num_tokens: int, stop_strings) -> Answer:
     """How one raw answer ended. It "runs on" when it contains one of the template's stop strings or
     any invented section header in the template's style (the model also makes up "### Explanation:")."""
-    from alpaca.generation import cut_at_stop
+    from alpaca.decoding import cut_at_stop
 
     trimmed, found = cut_at_stop(text, stop_strings)
     return Answer(
@@ -93,7 +93,8 @@ def describe_answer(text: str, max_new_tokens: int, num_tokens: int, stop_string
 
 def answer_and_score(model, tokenizer, held_out: list[dict], adapter: str | None, max_new_tokens: int):
     """Greedy answers (no stop strings) and the held-out loss, for the base (adapter None) or adapter."""
-    from alpaca.generation import DecodingSettings, ResponseGenerator, template_stop_strings
+    from alpaca.decoding import DecodingSettings, template_stop_strings
+    from alpaca.generation import ResponseGenerator
     from alpaca.metrics import response_loss
     from alpaca.prompter import Prompter
 
@@ -234,7 +235,7 @@ def main(
 
 def compare(base_model: str, adapter_dir: str, held_out: list[dict], max_new_tokens: int) -> dict:
     """Load the base once with the adapter; answer and score with the adapter off, then on."""
-    from alpaca.generation import load_model
+    from alpaca.generator_loading import load_model
     from alpaca.modeling import load_adapter, resolve_base_model
 
     folder, _ = resolve_base_model(base_model)

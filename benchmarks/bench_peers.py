@@ -240,7 +240,8 @@ def measure_ours(model_folder: str, precision: str, batch_size: int, max_new_tok
     import torch
     from bench_generation import PROMPTS
 
-    from alpaca.generation import DecodingSettings, load_generators
+    from alpaca.decoding import DecodingSettings
+    from alpaca.generator_loading import load_generators
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     (generator,) = load_generators(model_folder, lora_weights="", precision=precision, stop_strings=())

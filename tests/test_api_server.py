@@ -18,7 +18,8 @@ import pytest
 from helpers.ports import free_port
 
 from alpaca.batch import run_batch
-from alpaca.generation import load_generators, make_settings
+from alpaca.decoding import make_settings
+from alpaca.generator_loading import load_generators
 from alpaca.serving.server import ApiServer, launch_api
 
 openai = pytest.importorskip("openai")

@@ -14,7 +14,8 @@ from helpers.optional import in_ci
 from helpers.ports import free_port
 from helpers.tiny_trained import TRAINED_ANSWERS
 
-from alpaca.generation import DecodingSettings, load_generators
+from alpaca.decoding import DecodingSettings
+from alpaca.generator_loading import load_generators
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

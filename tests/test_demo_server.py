@@ -16,7 +16,8 @@ from helpers.optional import import_or_skip
 from helpers.ports import free_port
 from helpers.tiny_trained import TRAINED_ANSWERS
 
-from alpaca.generation import DecodingSettings, GenerationLimits, load_generators, make_settings
+from alpaca.decoding import DecodingSettings, GenerationLimits, make_settings
+from alpaca.generator_loading import load_generators
 
 gr = import_or_skip("gradio", "pip install -r requirements.txt")
 from gradio_client import Client  # noqa: E402

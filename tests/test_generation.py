@@ -10,20 +10,18 @@ from helpers.adapters import make_random_adapter
 from helpers.tiny_trained import TRAINED_ANSWERS
 
 from alpaca.batch import read_instructions, run_batch
-from alpaca.generation import (
+from alpaca.decoding import (
     DecodingSettings,
     GenerationLimits,
-    ResponseGenerator,
     build_generation_config,
     cut_at_stop,
-    display_name,
     held_back,
-    load_generators,
     make_settings,
-    model_label,
     parse_stop_strings,
     template_stop_strings,
 )
+from alpaca.generation import ResponseGenerator
+from alpaca.generator_loading import display_name, load_generators, model_label
 from alpaca.prompter import load_template
 
 REPO = Path(__file__).resolve().parent.parent
@@ -482,10 +480,12 @@ def test_generate_py_batch_mode(tiny_llama, trained_adapter, tmp_path, monkeypat
 
 def test_generate_py_checks_the_output_file_before_loading(tiny_llama, tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO))
-    import alpaca.generation
+    import alpaca.generator_loading
     import generate
 
-    monkeypatch.setattr(alpaca.generation, "load_generators", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(
+        alpaca.generator_loading, "load_generators", lambda *a, **k: pytest.fail("loaded the model")
+    )
     input_file = write_records(tmp_path / "in.json", RECORDS[:2])
     with pytest.raises(ValueError, match=r"--output_file='.*' is a folder; give a file name"):
         generate.main(

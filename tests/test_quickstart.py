@@ -2,7 +2,7 @@
 
 import json
 
-from alpaca.generation import template_stop_strings
+from alpaca.decoding import template_stop_strings
 from alpaca.prompter import Prompter
 from alpaca.quickstart import SAMPLE_DATA, describe_answer, split_records, summarize
 

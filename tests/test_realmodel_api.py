@@ -9,7 +9,8 @@ import pytest
 
 import generate_instruction
 from alpaca.batch import run_batch
-from alpaca.generation import load_generators, make_settings
+from alpaca.decoding import make_settings
+from alpaca.generator_loading import load_generators
 from alpaca.serving.server import launch_api
 
 pytestmark = pytest.mark.realmodel

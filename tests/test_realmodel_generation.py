@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from alpaca.batch import run_batch
+from alpaca.decoding import DecodingSettings, cut_at_stop
 from alpaca.default_model import default_gguf
-from alpaca.generation import DecodingSettings, ResponseGenerator, cut_at_stop, load_generators
+from alpaca.generation import ResponseGenerator
+from alpaca.generator_loading import load_generators
 
 pytestmark = pytest.mark.realmodel
 

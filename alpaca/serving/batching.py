@@ -27,7 +27,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from alpaca.generation import DecodingSettings, ResponseGenerator, build_generation_config, held_back
+from alpaca.decoding import DecodingSettings, build_generation_config, held_back
+from alpaca.generation import ResponseGenerator
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from alpaca.generation import MAX_TEMPERATURE, ResponseGenerator, max_input_chars
+from alpaca.decoding import MAX_TEMPERATURE, max_input_chars
+from alpaca.generation import ResponseGenerator
 from alpaca.serving.batching import CONTEXT_TOKENS, BatchScheduler, Job, Row, RowSettings
 
 CHAT_FORMATS = ("template", "tokenizer")

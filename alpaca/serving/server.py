@@ -19,7 +19,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
-from alpaca.generation import GenerationLimits, ResponseGenerator, max_input_chars
+from alpaca.decoding import GenerationLimits, max_input_chars
+from alpaca.generation import ResponseGenerator
 from alpaca.serving.batching import BatchScheduler, QueueFull
 from alpaca.serving.openai_protocol import (
     CHAT_FORMATS,
