@@ -199,6 +199,11 @@ class WeightReader:
         except (OSError, RuntimeError, ValueError) as err:
             raise ValueError(f"{self.flag}: cannot read tensor {name} from {path}: {err}") from err
 
+    def owns(self, name: str) -> bool:
+        """Whether `get(name)` returns memory of its own (safetensors: read into a fresh buffer) rather
+        than a view of a memory-mapped file (.bin)."""
+        return self.files[name].suffix == ".safetensors"
+
     def close(self) -> None:
         self._handles.clear()
         self._bin_state, self._bin_path = {}, None

@@ -163,6 +163,16 @@ def raw_padding(raw_folder: Path, tokenizer_tuned) -> RawPadding | None:
     return RawPadding(rows=len(tokenizer_raw), added=added) if added > 0 else None
 
 
+def fp32_copy(reader: WeightReader, name: str, device: str):
+    """Tensor `name` in fp32 on `device`, in memory of its own (so in-place arithmetic never touches a
+    memory-mapped file and no second copy is needed)."""
+    import torch
+
+    stored = reader.get(name)
+    tensor = stored.to(device=device, dtype=torch.float32)
+    return tensor.clone() if tensor is stored and not reader.owns(name) else tensor
+
+
 @dataclass
 class DiffPlan:
     """Where each tensor of the model lives in the raw files and in the other folder (tuned or diff)."""
@@ -178,16 +188,13 @@ class DiffPlan:
         return self.padding is not None and key in (self.layout.input_embedding, self.layout.output_embedding)
 
     def raw_tensor(self, key: str, device: str):
-        """The raw tensor in fp32 on `device`, `[PAD]`-extended for the embeddings."""
-        import torch
-
-        tensor = self.raw.get(self.raw_names[key]).to(device=device, dtype=torch.float32)
+        """The raw tensor in fp32 on `device`, `[PAD]`-extended for the embeddings; the caller's to modify."""
+        tensor = fp32_copy(self.raw, self.raw_names[key], device)
         return self.padding.apply(tensor) if self.padded(key) else tensor
 
     def other_tensor(self, key: str, device: str):
-        import torch
-
-        return self.other.get(self.other_names[key]).to(device=device, dtype=torch.float32)
+        """The tuned (or diff) tensor in fp32 on `device`; the caller's to modify."""
+        return fp32_copy(self.other, self.other_names[key], device)
 
     def close(self) -> None:
         self.raw.close()
@@ -309,14 +316,17 @@ def make_diff(
         with torch.inference_mode(), staged_output(out) as staging:
             with streamed_weights(staging, plan.layout, shard_bytes) as writer:
                 for key in tqdm(keys, desc="make_diff"):
+                    # In place, so two tensors of this size are alive at a time; a - b and a + b are the
+                    # same bits in place or not, and b + a == a + b, so `recovered` is exactly what
+                    # recover's `diff + raw` will compute.
                     raw = plan.raw_tensor(key, device)
-                    diff = plan.other_tensor(key, device) - raw
-                    recovered = diff + raw  # exactly what recover will compute
+                    diff = plan.other_tensor(key, device).sub_(raw)
+                    writer.write(key, diff.cpu())
+                    recovered = raw.add_(diff)
+                    del diff
                     tensors[key] = {"sha256": tensor_sha256(recovered), "shape": list(recovered.shape)}
                     total = total + recovered.sum()
                     del raw, recovered
-                    writer.write(key, diff.cpu())
-                    del diff
             record = {"format": INTEGRITY_FORMAT, "dtype": "float32", "sum": float(total), "tensors": tensors}
             save_metadata(tuned_folder, tokenizer_tuned, staging)
             (staging / INTEGRITY_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
@@ -412,7 +422,7 @@ def recover(
             total = 0
             with streamed_weights(folder, plan.layout, shard_bytes) as writer:
                 for key in tqdm(keys, desc="recover"):
-                    recovered = plan.other_tensor(key, device) + plan.raw_tensor(key, device)
+                    recovered = plan.other_tensor(key, device).add_(plan.raw_tensor(key, device))
                     if integrity is not None:
                         check_recovered_tensor(key, recovered, integrity)
                     total = total + recovered.sum()

@@ -11,13 +11,15 @@ its peak resident memory (ru_maxrss) is reported next to the floor (a process th
 transformers and safetensors), so the part that grows with the model is visible. Both recipes recover
 the same bits: the benchmark checks every recovered tensor's SHA-256 against the other recipe's.
 
+The parent process stays small (no torch): Linux carries a parent's resident size into a child's
+ru_maxrss through fork and exec, which would put a floor under every figure.
+
 The "tuned" model is the raw one with `[PAD]` added and every weight moved, saved in fp32, as
 Stanford's training leaves it. Needs about 8x the model's fp32 size of free disk under --workdir.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -123,16 +125,21 @@ OURS_MAKE = "from alpaca.weights import make_diff; make_diff({raw!r}, {tuned!r},
 OURS_RECOVER = "from alpaca.weights import recover; recover({raw!r}, {diff!r}, {out!r}, test_inference=False)"
 
 
-def tensor_hashes(folder: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    hashes = {}
-    for file in sorted(folder.glob("*.safetensors")):
+COMPARE = """
+import hashlib, json, torch
+from pathlib import Path
+from safetensors import safe_open
+def hashes(folder):
+    out = {{}}
+    for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
             for name in handle.keys():
-                data = handle.get_tensor(name).contiguous().reshape(-1).view(__import__("torch").uint8)
-                hashes[name] = hashlib.sha256(data.numpy()).hexdigest()
-    return hashes
+                data = handle.get_tensor(name).contiguous().reshape(-1).view(torch.uint8)
+                out[name] = hashlib.sha256(data.numpy()).hexdigest()
+    return out
+ours, upstream = hashes({ours!r}), hashes({upstream!r})
+print(json.dumps(sorted(k for k in ours.keys() | upstream.keys() if ours.get(k) != upstream.get(k))))
+"""
 
 
 def bench_model(name: str, workdir: Path, source: str | None, layers: int, hidden: int) -> dict:
@@ -174,10 +181,13 @@ def bench_model(name: str, workdir: Path, source: str | None, layers: int, hidde
         print(
             f"[{name}] {recipe}: make_diff {result[f'{recipe}_make']}, recover {result[f'{recipe}_recover']}"
         )
-    ours, upstream = tensor_hashes(folder / "ours_recovered"), tensor_hashes(folder / "upstream_recovered")
-    result["identical"] = ours == upstream
-    if not result["identical"]:
-        differ = sorted(k for k in ours.keys() | upstream.keys() if ours.get(k) != upstream.get(k))
+    code = COMPARE.format(ours=str(folder / "ours_recovered"), upstream=str(folder / "upstream_recovered"))
+    compared = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, check=True
+    )
+    differ = json.loads(compared.stdout.strip().splitlines()[-1])
+    result["identical"] = not differ
+    if differ:
         raise SystemExit(f"[{name}] the recipes recovered different tensors: {differ[:5]}")
     return result
 
