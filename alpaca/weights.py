@@ -422,7 +422,9 @@ def recover(
             total = 0
             with streamed_weights(folder, plan.layout, shard_bytes) as writer:
                 for key in tqdm(keys, desc="recover"):
-                    recovered = plan.other_tensor(key, device).add_(plan.raw_tensor(key, device))
+                    raw = plan.raw_tensor(key, device)  # first: its [PAD] copy is made with one tensor alive
+                    recovered = plan.other_tensor(key, device).add_(raw)
+                    del raw
                     if integrity is not None:
                         check_recovered_tensor(key, recovered, integrity)
                     total = total + recovered.sum()
