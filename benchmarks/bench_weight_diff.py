@@ -78,49 +78,28 @@ print(sum(p.numel() for p in model.parameters()))
 
 # Stanford Alpaca's weight_diff.py, as published (minus the smoke test and the 7B-only sum check), with
 # one fix: upstream loops over every state-dict key, so a tied embedding (SmolLM2) is updated twice.
-UNIQUE = """
-def unique(state):
-    seen = set()
-    return [k for k, t in state.items() if not (t.data_ptr() in seen or seen.add(t.data_ptr()))]
-"""
-UPSTREAM_MAKE = (
-    UNIQUE
-    + """
+# make_diff: other = the tuned model, sign -1 (tuned - raw); recover: other = the diff, sign +1.
+UPSTREAM = """
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from alpaca.modeling import resize_embeddings_for_new_tokens
-raw, tuned, out = {raw!r}, {tuned!r}, {out!r}
-model_tuned = AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)
+raw, other, out, sign = {raw!r}, {other!r}, {out!r}, {sign}
+model_other = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32)
 model_raw = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32)
-tokenizer_tuned, tokenizer_raw = AutoTokenizer.from_pretrained(tuned), AutoTokenizer.from_pretrained(raw)
+tokenizer_other, tokenizer_raw = AutoTokenizer.from_pretrained(other), AutoTokenizer.from_pretrained(raw)
 if "[PAD]" not in tokenizer_raw.get_vocab():
     resize_embeddings_for_new_tokens(model_raw, tokenizer_raw, tokenizer_raw.add_special_tokens({{"pad_token": "[PAD]"}}))
-state_tuned, state_raw = model_tuned.state_dict(), model_raw.state_dict()
+state_other, state_raw = model_other.state_dict(), model_raw.state_dict()
+seen = set()
 with torch.no_grad():
-    for key in unique(state_tuned):
-        state_tuned[key].add_(-state_raw[key])
-model_tuned.save_pretrained(out); tokenizer_tuned.save_pretrained(out)
+    for key, tensor in state_other.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            tensor.add_(sign * state_raw[key])
+model_other.save_pretrained(out); tokenizer_other.save_pretrained(out)
 """
-)
-UPSTREAM_RECOVER = (
-    UNIQUE
-    + """
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from alpaca.modeling import resize_embeddings_for_new_tokens
-raw, diff, out = {raw!r}, {diff!r}, {out!r}
-model_raw = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32)
-model_recovered = AutoModelForCausalLM.from_pretrained(diff, dtype=torch.float32)
-tokenizer_raw, tokenizer_recovered = AutoTokenizer.from_pretrained(raw), AutoTokenizer.from_pretrained(diff)
-if "[PAD]" not in tokenizer_raw.get_vocab():
-    resize_embeddings_for_new_tokens(model_raw, tokenizer_raw, tokenizer_raw.add_special_tokens({{"pad_token": "[PAD]"}}))
-state_recovered, state_raw = model_recovered.state_dict(), model_raw.state_dict()
-with torch.no_grad():
-    for key in unique(state_recovered):
-        state_recovered[key].add_(state_raw[key])
-model_recovered.save_pretrained(out); tokenizer_recovered.save_pretrained(out)
-"""
-)
+UPSTREAM_MAKE = UPSTREAM.replace("{other!r}", "{tuned!r}").replace("{sign}", "-1")
+UPSTREAM_RECOVER = UPSTREAM.replace("{other!r}", "{diff!r}").replace("{sign}", "1")
 OURS_MAKE = "from alpaca.weights import make_diff; make_diff({raw!r}, {tuned!r}, {out!r})"
 OURS_RECOVER = "from alpaca.weights import recover; recover({raw!r}, {diff!r}, {out!r}, test_inference=False)"
 
