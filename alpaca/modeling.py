@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -474,20 +475,54 @@ def prepare_output_path(
     return path
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clear_killed_staging(path: Path, log=print) -> None:
+    """Tidy what a run killed inside `staged_output` left beside `path`: its staging copy (a partial
+    output, which for a streamed 7B model is tens of GB) is deleted, and an old output it had moved aside
+    to swap in the new one is put back when `path` is missing (a kill between the two renames). Only
+    siblings whose writer process is gone are touched: each name carries its writer's pid."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^.]+\.(tmp|old)$")
+    for sibling in sorted(path.parent.glob(f".{path.name}.*")):
+        match = pattern.match(sibling.name)
+        if not match or _pid_alive(int(match.group(1))):
+            continue
+        moved_aside = sibling / path.name
+        if match.group(2) == "old" and moved_aside.exists() and not path.exists():
+            os.replace(moved_aside, path)
+            log(f"{path}: put back the previous output that a killed run had moved aside")
+        if sibling.is_dir():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+        log(f"{path}: removed {sibling.name}, left by a run that was killed while writing")
+
+
 @contextmanager
 def staged_output(path: Path, is_file: bool = False):
     """Yield a temporary sibling of `path` to write into; when the block ends without an error, swap it
     in for `path` (replacing an old output), else delete it. So a failed or interrupted export never
-    leaves a partial output, and an `--overwrite` that fails keeps the previous output as it was."""
+    leaves a partial output, and an `--overwrite` that fails keeps the previous output as it was. What a
+    killed run left behind (its pid is in the names) is tidied first (`clear_killed_staging`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_killed_staging(path)
+    prefix = f".{path.name}.{os.getpid()}."
     if is_file:
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
         os.close(handle)
         staging = Path(name)
         staging.chmod(0o644)  # mkstemp makes it private; an export is an ordinary file
     else:
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp"))
         staging.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary folder
     try:
         yield staging
@@ -495,7 +530,7 @@ def staged_output(path: Path, is_file: bool = False):
             os.replace(staging, path)
         else:
             # A folder cannot be renamed over a non-empty one: move the old one aside first.
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".old"))
             os.replace(path, old / path.name)
             os.replace(staging, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Weight diffs on the tiny LLaMA: Stanford's arithmetic, per-tensor hashes, tampering caught and named."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -462,3 +463,67 @@ def test_layout_mistakes_are_named(diff, tiny_llama, tuned, tmp_path):
     with pytest.raises(ValueError, match="expected tensor .*'a'"):
         writer.write("b", torch.zeros(3))
     writer.abort()
+
+
+# --- a run killed while it writes its output ----------------------------------------------------------------
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from alpaca.modeling import staged_output
+target, moment = Path(sys.argv[1]), sys.argv[2]
+if moment == "between_renames":
+    real_replace = os.replace
+    def replace(source, destination):
+        real_replace(source, destination)
+        if Path(destination).name == target.name and Path(destination).parent != target.parent:
+            os.kill(os.getpid(), signal.SIGKILL)  # the old output is aside, the new one not yet in place
+    os.replace = replace
+with staged_output(target) as staging:
+    (staging / "model.safetensors").write_bytes(b"partial" * 1000)
+    if moment == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def kill_a_writer(target: Path, moment: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(target), moment], cwd=REPO, capture_output=True, timeout=120
+    )
+    assert result.returncode == -9, result.stderr
+
+
+def test_what_a_killed_run_left_is_tidied_and_the_old_output_kept(diff, tiny_llama, tmp_path, capsys):
+    """kill -9 of a run while it streams its output: the previous output is untouched and the partial copy
+    is left beside it; the next run deletes that copy. kill -9 between the two renames of the swap: the
+    previous output, moved aside, is put back. Both with real killed processes."""
+    from alpaca.modeling import clear_killed_staging
+    from alpaca.weights import verify
+
+    recovered = tmp_path / "out" / "recovered"
+    recover(tiny_llama, str(diff[0]), str(recovered), test_inference=False)
+    before = snapshot(recovered)
+
+    kill_a_writer(recovered, "writing")
+    assert snapshot(recovered) == before
+    leftovers = [p.name for p in recovered.parent.iterdir() if p.name != "recovered"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".recovered.") and leftovers[0].endswith(".tmp")
+    capsys.readouterr()
+    recover(tiny_llama, str(diff[0]), str(recovered), test_inference=False, overwrite=True)
+    assert f"removed {leftovers[0]}, left by a run that was killed" in capsys.readouterr().out
+    assert [p.name for p in recovered.parent.iterdir()] == ["recovered"]
+    assert verify(str(recovered)) == len(diff[1]["tensors"])
+
+    before = snapshot(recovered)
+    kill_a_writer(recovered, "between_renames")
+    assert not recovered.exists()  # the window the kill hit: the old output is in a sibling .old folder
+    clear_killed_staging(recovered)
+    assert snapshot(recovered) == before
+    assert [p.name for p in recovered.parent.iterdir()] == ["recovered"]
+    assert "put back the previous output" in capsys.readouterr().out
+
+    # a sibling whose writer is alive (this process) is someone's output in progress: left alone
+    alive = recovered.parent / f".recovered.{os.getpid()}.abc123.tmp"
+    alive.mkdir()
+    clear_killed_staging(recovered)
+    assert alive.is_dir()
