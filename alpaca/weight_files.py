@@ -238,6 +238,18 @@ class ModelLayout:
                     return name
         return None
 
+    def file_names(self) -> set[str]:
+        """Every name a weight file may give one of the model's tensors: each tied alias, with and
+        without the base-model prefix."""
+        names = set()
+        for alias in (a for key in self.keys for a in self.aliases[key]):
+            names.add(alias)
+            if self.prefix and alias.startswith(self.prefix + "."):
+                names.add(alias[len(self.prefix) + 1 :])
+            elif self.prefix:
+                names.add(f"{self.prefix}.{alias}")
+        return names
+
 
 def model_layout(folder: str | Path, flag: str, trust_remote_code: bool = False) -> ModelLayout:
     """The layout of the model whose config is in `folder`, built on the meta device (no memory)."""

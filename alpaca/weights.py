@@ -201,11 +201,13 @@ class DiffPlan:
         self.other.close()
 
 
-def unmatched_names(reader: WeightReader, layout: ModelLayout, used: set[str]) -> list[str]:
-    """Tensors in `reader`'s files that are no tensor of the model (buffers such as old checkpoints'
-    `rotary_emb.inv_freq` aside, which `from_pretrained` ignores too)."""
+def unmatched_names(reader: WeightReader, layout: ModelLayout) -> list[str]:
+    """Tensors in `reader`'s files that are no tensor of the model (a tied tensor stored under both its
+    names is one tensor; buffers such as old checkpoints' `rotary_emb.inv_freq` are ignored, as
+    `from_pretrained` ignores them)."""
+    known = layout.file_names()
     buffers = {name.rsplit(".", 1)[-1] for name in layout.buffers}
-    return sorted(n for n in reader.files if n not in used and n.rsplit(".", 1)[-1] not in buffers)
+    return sorted(n for n in reader.files if n not in known and n.rsplit(".", 1)[-1] not in buffers)
 
 
 def plan_diff(raw_folder: Path, other_folder: Path, other: str, tokenizer_other) -> DiffPlan:
@@ -222,7 +224,7 @@ def plan_diff(raw_folder: Path, other_folder: Path, other: str, tokenizer_other)
             "folder is incomplete or damaged"
         )
     only_other = [k for k in layout.keys if k not in raw_names]
-    only_raw = unmatched_names(raw, layout, set(raw_names.values()))
+    only_raw = unmatched_names(raw, layout)
     if only_other or only_raw:
         raise ValueError(
             f"--path_raw and {other} hold different tensors (only in {other}: {only_other[:3]}, only in raw: "

@@ -428,7 +428,7 @@ def test_one_tensor_at_a_time(diff, tiny_llama, tuned, tmp_path, monkeypatch):
     assert peak[0] == 2 and not alive
 
 
-def test_layout_mistakes_are_named(diff, tiny_llama, tuned, tmp_path):
+def test_layout_mistakes_are_named(diff, tiny_llama, tuned, opt_pair, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -445,6 +445,13 @@ def test_layout_mistakes_are_named(diff, tiny_llama, tuned, tmp_path):
     )
     with pytest.raises(ValueError, match=r"only in raw: \['model\.layers\.9\.mlp\.up_proj\.weight'\]"):
         make_diff(str(bigger_raw), tuned, str(tmp_path / "d"))
+    both_names = tmp_path / "both_names"  # a tied raw model whose file holds the tensor under both names
+    shutil.copytree(opt_pair[1], both_names)
+    weights = load_file(both_names / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.decoder.embed_tokens.weight"].clone()
+    save_file(weights, both_names / "model.safetensors", metadata={"format": "pt"})
+    assert make_diff(str(both_names), opt_pair[1], str(tmp_path / "zero"))["tensors"]
+    assert not any(load_state(tmp_path / "zero")["lm_head.weight"].flatten().tolist())  # tuned - itself
     incomplete = tmp_path / "incomplete"  # a diff whose files lack a tensor its config implies
     shutil.copytree(diff[0], incomplete)
     weights = load_file(incomplete / "model.safetensors")
