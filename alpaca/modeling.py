@@ -1,7 +1,8 @@
 """Loading base models, configs, tokenizers and LoRA adapters; quantization; merging; output folders.
 
 Training, generation, the demo, the exports and the weight diffs load models, configs and tokenizers
-through this module's `load_*` functions, so that they all load (and report a bad path) the same way.
+through this module's `load_*` functions (and `empty_model`, a model of the config on the meta device,
+for the streamed weight diffs), so that they all load (and report a bad path) the same way.
 The exceptions load something else: `gguf_import` reads a `.gguf` file once into a cached HF folder,
 and `tiny` builds the offline test models.
 """
@@ -295,6 +296,31 @@ def load_model_config(path: str, flag: str = "--base_model", trust_remote_code: 
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:  # a hub id that is not cached while offline, or not a model at all
         raise ValueError(f"{flag}={path!r}: cannot read its config ({err})") from err
+
+
+def load_generation_config(path: str, model_config):
+    """The folder's `generation_config.json`, else the one `from_pretrained` derives from the model
+    config (what save_pretrained then writes)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return GenerationConfig.from_model_config(model_config)
+
+
+def empty_model(path: str, flag: str = "--base_model", trust_remote_code: bool = False):
+    """The causal LM of the folder's config built on the meta device: its tensor names, shapes and tied
+    weights, no memory and no weights read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(path, flag, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        raise ValueError(f"{flag}={path!r}: not a causal LM this transformers knows ({err})") from err
 
 
 def load_plain_tokenizer(path: str):

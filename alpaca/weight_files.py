@@ -221,7 +221,6 @@ class ModelLayout:
     input_embedding: str | None
     output_embedding: str | None
     prefix: str
-    model_type: str = ""
     buffers: set[str] = field(default_factory=set)
 
     def name_in(self, key: str, reader: WeightReader) -> str | None:
@@ -253,17 +252,9 @@ class ModelLayout:
 
 def model_layout(folder: str | Path, flag: str, trust_remote_code: bool = False) -> ModelLayout:
     """The layout of the model whose config is in `folder`, built on the meta device (no memory)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from alpaca.modeling import empty_model
 
-    from alpaca.modeling import load_model_config
-
-    config = load_model_config(str(folder), flag, trust_remote_code=trust_remote_code)
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as err:
-        raise ValueError(f"{flag}={str(folder)!r}: not a causal LM this transformers knows ({err})") from err
+    model = empty_model(str(folder), flag, trust_remote_code=trust_remote_code)
     state = model.state_dict(keep_vars=True)
     first_name: dict[int, str] = {}
     aliases: dict[str, list[str]] = {}
@@ -280,7 +271,6 @@ def model_layout(folder: str | Path, flag: str, trust_remote_code: bool = False)
         input_embedding=by_id.get(id(inputs.weight)) if inputs is not None else None,
         output_embedding=by_id.get(id(outputs.weight)) if outputs is not None else None,
         prefix=model.base_model_prefix or "",
-        model_type=config.model_type,
         buffers={name for name, _ in model.named_buffers()},
     )
 

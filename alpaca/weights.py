@@ -32,6 +32,7 @@ from alpaca.modeling import (
     check_model_path,
     damaged_weights,
     load_base_model,
+    load_generation_config,
     load_model_config,
     load_plain_tokenizer,
     prepare_output_path,
@@ -259,16 +260,11 @@ def save_metadata(source: Path, tokenizer, output_dir: Path) -> None:
     """What save_pretrained writes beside the weights: the config (now float32), the generation config,
     and the tokenizer, plus the sentencepiece `tokenizer.model` when the source has one."""
     import torch
-    from transformers import GenerationConfig
 
     config = load_model_config(str(source), "--path_tuned")
     config.dtype = torch.float32
     config.save_pretrained(output_dir)
-    try:
-        generation = GenerationConfig.from_pretrained(str(source))
-    except OSError:
-        generation = GenerationConfig.from_model_config(config)
-    generation.save_pretrained(output_dir)
+    load_generation_config(str(source), config).save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     sp_model = source / "tokenizer.model"
     if sp_model.is_file():
