@@ -345,6 +345,41 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):
     assert client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=3).usage.completion_tokens == 3
 
 
+def test_a_request_joins_the_running_batch_and_neither_reply_changes(server, client):
+    """Continuous batching: a request sent while a long one is being generated joins its batch at the next
+    step and comes back before the long one ends; both replies are exactly what each gives alone."""
+    long_prompt, short_prompt = "Once upon a time", "The capital of France is"
+
+    def ask(prompt, max_tokens):
+        return client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=max_tokens, temperature=0)
+
+    long_alone, short_alone = ask(long_prompt, 300).choices[0].text, ask(short_prompt, 8).choices[0].text
+    before = stats(server)
+    finished = {}
+
+    def stream_long():
+        parts = []
+        for chunk in client.completions.create(
+            model=MODEL_ID, prompt=long_prompt, max_tokens=300, temperature=0, stream=True
+        ):
+            parts.append(chunk.choices[0].text if chunk.choices else "")
+        finished["long"] = time.monotonic()
+        return "".join(parts)
+
+    with ThreadPoolExecutor(1) as pool:
+        long_future = pool.submit(stream_long)
+        wait_until(lambda: stats(server)["generated_tokens"] - before["generated_tokens"] >= 5)
+        short = ask(short_prompt, 8).choices[0].text
+        finished["short"] = time.monotonic()
+        assert not long_future.done()  # the long reply is still being generated
+        long_text = long_future.result(timeout=120)
+    after = stats(server)
+    assert finished["short"] < finished["long"]
+    assert after["joins"] - before["joins"] == 1 and after["batches"] - before["batches"] == 1
+    assert after["largest_batch"] >= 2
+    assert short == short_alone and long_text == long_alone
+
+
 def test_a_full_queue_gets_429_and_loading_gets_503(generator):
     api = launch_api(generator, model_id=MODEL_ID, port=0, max_batch_size=1, max_queue_size=2)
     try:
