@@ -105,7 +105,8 @@ def main(
             instruction, user message -> input); "tokenizer" uses the tokenizer's chat template.
         served_model_name: with --api: the model id in /v1/models; default: the model's label.
         max_batch_size: with --api: the most sequences generated together.
-        max_wait_ms: with --api: how long a request may wait for others expected to join its batch.
+        max_wait_ms: with --api: when idle, how long the first request waits for others expected with it
+            (later ones join the running batch at the next step).
         num_threads: torch CPU threads; 0 chooses: $OMP_NUM_THREADS when set, else the usable physical
             cores (docs/performance.md).
     """

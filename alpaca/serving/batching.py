@@ -387,13 +387,15 @@ def left_pad(tensor, length: int, dim: int = 2):
 
 
 class BatchScheduler:
-    """Runs the rows of submitted jobs in batches on one generator's model, in a background thread.
+    """Decodes the rows of submitted jobs on one generator's model, in a background thread; rows join
+    the running batch at the next step and leave it when they end (see the module docstring).
 
     Args:
         generator: the model, tokenizer and lock (shared with any other user of the model).
         max_batch_size: the most rows generated together.
         max_queue_size: the most rows waiting; `submit` raises `QueueFull` beyond it.
-        max_wait_ms: the longest a waiting row may be held back for others expected to join its batch.
+        max_wait_ms: from an idle scheduler, the longest the first rows wait for others expected to come
+            with them (rows that arrive later join the running batch at the next step).
     """
 
     def __init__(
