@@ -458,16 +458,7 @@ class BatchScheduler:
                 if left <= 0:
                     break
                 self._condition.wait(left)
-            batch = []
-            while self._pending and len(batch) < self.max_batch_size:
-                row = self._pending.popleft()
-                if row.job.cancelled.is_set():
-                    self.stats.cancelled_rows += 1
-                    row.finish("cancelled")
-                else:
-                    batch.append(row)
-            self.stats.queued_rows = len(self._pending)
-            return batch
+            return self._take_pending(self.max_batch_size)  # the condition's lock is re-entrant
 
     def _expected_rows(self) -> int:
         """How many rows to wait for (at most `max_wait_ms`) before starting a batch.
