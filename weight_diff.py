@@ -12,6 +12,8 @@ recovered model against it at any later time. `--path_raw` may also be a `.gguf`
 This script imports neither the training code nor the OpenAI client.
 """
 
+from alpaca.weight_files import DEFAULT_MAX_SHARD_SIZE  # a constant; torch is imported only when run
+
 
 def make_diff(
     path_raw: str,
@@ -19,7 +21,7 @@ def make_diff(
     path_diff: str,
     device: str = "cpu",
     overwrite: bool = False,
-    max_shard_size: str = "50GB",
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
 ):
     """Write the weight diff tuned - raw (fp32) with the tuned tokenizer and per-tensor hashes.
 
@@ -45,7 +47,7 @@ def recover(
     check_integrity_naively: bool = True,
     overwrite: bool = False,
     prompt_template: str = "alpaca_legacy",
-    max_shard_size: str = "50GB",
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
 ):
     """Recover the fine-tuned weights as raw + diff and check each tensor against the diff's hashes.
 

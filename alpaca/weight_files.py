@@ -223,31 +223,25 @@ class ModelLayout:
     prefix: str
     buffers: set[str] = field(default_factory=set)
 
-    def name_in(self, key: str, reader: WeightReader) -> str | None:
-        """The name under which `reader`'s files hold `key` (any tied alias, with or without the base-model
-        prefix, as `from_pretrained` accepts), or None."""
+    def spellings(self, key: str) -> list[str]:
+        """Every name a weight file may give `key`'s tensor: each tied alias, with and without the
+        base-model prefix (as `from_pretrained` accepts)."""
+        names = []
         for alias in self.aliases[key]:
-            candidates = [alias]
+            names.append(alias)
             if self.prefix and alias.startswith(self.prefix + "."):
-                candidates.append(alias[len(self.prefix) + 1 :])
+                names.append(alias[len(self.prefix) + 1 :])
             elif self.prefix:
-                candidates.append(f"{self.prefix}.{alias}")
-            for name in candidates:
-                if name in reader.files:
-                    return name
-        return None
+                names.append(f"{self.prefix}.{alias}")
+        return names
+
+    def name_in(self, key: str, reader: WeightReader) -> str | None:
+        """The name under which `reader`'s files hold `key`, or None."""
+        return next((name for name in self.spellings(key) if name in reader.files), None)
 
     def file_names(self) -> set[str]:
-        """Every name a weight file may give one of the model's tensors: each tied alias, with and
-        without the base-model prefix."""
-        names = set()
-        for alias in (a for key in self.keys for a in self.aliases[key]):
-            names.add(alias)
-            if self.prefix and alias.startswith(self.prefix + "."):
-                names.add(alias[len(self.prefix) + 1 :])
-            elif self.prefix:
-                names.add(f"{self.prefix}.{alias}")
-        return names
+        """Every name a weight file may give one of the model's tensors."""
+        return {name for key in self.keys for name in self.spellings(key)}
 
 
 def model_layout(folder: str | Path, flag: str, trust_remote_code: bool = False) -> ModelLayout:

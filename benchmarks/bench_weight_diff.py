@@ -105,16 +105,16 @@ OURS_RECOVER = "from alpaca.weights import recover; recover({raw!r}, {diff!r}, {
 
 
 COMPARE = """
-import hashlib, json, torch
+import json
 from pathlib import Path
 from safetensors import safe_open
+from alpaca.weights import tensor_sha256
 def hashes(folder):
     out = {{}}
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
             for name in handle.keys():
-                data = handle.get_tensor(name).contiguous().reshape(-1).view(torch.uint8)
-                out[name] = hashlib.sha256(data.numpy()).hexdigest()
+                out[name] = tensor_sha256(handle.get_tensor(name))
     return out
 ours, upstream = hashes({ours!r}), hashes({upstream!r})
 print(json.dumps(sorted(k for k in ours.keys() | upstream.keys() if ours.get(k) != upstream.get(k))))
