@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from helpers.ports import free_port
 
-from alpaca.batch import run_batch
-from alpaca.decoding import make_settings
-from alpaca.generator_loading import load_generators
+from alpaca.inference.batch import run_batch
+from alpaca.inference.decoding import make_settings
+from alpaca.inference.loading import load_generators
 from alpaca.serving.server import ApiServer, launch_api
 
 openai = pytest.importorskip("openai")

@@ -7,10 +7,10 @@ import torch
 from helpers.finetune_runs import SAMPLE_DATA, write_sample_subset
 
 import finetune
-from alpaca.data import IGNORE_INDEX, load_records, tokenize_example
+from alpaca.core.prompter import Prompter
+from alpaca.finetune.data import IGNORE_INDEX, load_records, tokenize_example
+from alpaca.finetune.resolve import resolve_config
 from alpaca.modeling import PAD_TOKEN, load_tokenizer, resize_embeddings_for_new_tokens
-from alpaca.prompter import Prompter
-from alpaca.training import resolve_config
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_conflicting_and_bad_flags(flags, extra, message, monkeypatch):
 
 def test_wrong_fsdp_wrap_class_fails_before_loading(tiny_opt, small_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # configure_fsdp only keeps FSDP for several ranks
-    import alpaca.training as training
+    import alpaca.finetune.run as training
 
     loaded = []
     monkeypatch.setattr(training, "prepare_tokenizer_and_model", lambda *a, **k: loaded.append(1))
@@ -228,7 +228,7 @@ def test_wrong_fsdp_wrap_class_fails_before_loading(tiny_opt, small_data, tmp_pa
 
 
 def test_fsdp_wrap_class_defaults_to_the_decoder_layer(tiny_opt, monkeypatch):
-    from alpaca.training import configure_fsdp
+    from alpaca.finetune.distributed import configure_fsdp
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = resolve_config(
@@ -255,7 +255,7 @@ def test_world_size_must_divide_the_global_batch(monkeypatch):
 
 
 def test_fsdp_config_file_from_configs(tiny_llama, monkeypatch):
-    from alpaca.training import configure_fsdp
+    from alpaca.finetune.distributed import configure_fsdp
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     config = resolve_config(

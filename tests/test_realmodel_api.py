@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import generate_instruction
-from alpaca.batch import run_batch
-from alpaca.decoding import make_settings
-from alpaca.generator_loading import load_generators
+from alpaca.inference.batch import run_batch
+from alpaca.inference.decoding import make_settings
+from alpaca.inference.loading import load_generators
 from alpaca.serving.server import launch_api
 
 pytestmark = pytest.mark.realmodel

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from alpaca.batch import run_batch
-from alpaca.decoding import DecodingSettings, cut_at_stop
 from alpaca.default_model import default_gguf
-from alpaca.generation import ResponseGenerator
-from alpaca.generator_loading import load_generators
+from alpaca.inference.batch import run_batch
+from alpaca.inference.decoding import DecodingSettings, cut_at_stop
+from alpaca.inference.generation import ResponseGenerator
+from alpaca.inference.loading import load_generators
 
 pytestmark = pytest.mark.realmodel
 
