@@ -293,3 +293,22 @@ def chat_special_tokens(flag: str, tokenizer) -> list[str]:
         return []
     vocab = tokenizer.get_vocab()
     return [token for token in ("<|im_start|>", "<|im_end|>") if token not in vocab]
+
+
+def recorded_format(lora_weights: str) -> TrainingFormat:
+    """The format an adapter was trained in: its `training_format.json`; for an adapter trained before
+    formats were recorded, the prompt template its `run_config.json` names; else (a hub adapter such as
+    Alpaca-LoRA's) the default Alpaca template, which every Alpaca-LoRA adapter was trained with."""
+    from alpaca.core.prompter import DEFAULT_TEMPLATE, load_template
+
+    recorded = read_training_format(lora_weights) if lora_weights else None
+    if recorded is not None:
+        return recorded
+    name = DEFAULT_TEMPLATE
+    run_config = Path(str(lora_weights)).expanduser() / "run_config.json"
+    if lora_weights and run_config.is_file():
+        try:
+            name = json.loads(run_config.read_text(encoding="utf-8")).get("prompt_template_name") or name
+        except ValueError:
+            pass
+    return TrainingFormat("prompt_template", name, "", alpaca_chat_template(load_template(name)))

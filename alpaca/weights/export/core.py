@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alpaca.core.chat import recorded_format
 from alpaca.modeling import (
     load_adapter,
     load_base_model,
@@ -209,6 +210,8 @@ def resolve_export_inputs(
         tokenizer = load_plain_tokenizer(tokenizer_dir)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load the tokenizer of {tokenizer_dir!r}: {err}") from err
+    # the export speaks the format the adapter was trained in, not the base model's chat template
+    tokenizer.chat_template = recorded_format(lora_weights).chat_template
     dtype_name = base_dtype_name(config) if dtype == "base" else dtype
     return ExportInputs(
         base_model, folder, gguf_info, lora_weights, dtype_name, tokenizer_dir, tokenizer, config
