@@ -29,6 +29,7 @@ from pathlib import Path
 
 from alpaca import settings as shared_settings
 from alpaca.checkpoints import log
+from alpaca.cli import parse_bool
 from alpaca.modeling import check_model_path
 from alpaca.settings import derived
 
@@ -124,9 +125,9 @@ class FinetuneConfig:
     wandb_run_name: str = setting("", "wandb run name.")
     wandb_watch: str = setting("", "wandb gradient watching: false, gradients or all.")
     wandb_log_model: str = setting("", "upload checkpoints to wandb: false, checkpoint or end.")
-    resume_from_checkpoint: str | None = setting(
+    resume_from_checkpoint: str | bool | None = setting(
         None,
-        "a complete Trainer checkpoint folder (restores optimizer, scheduler and step), `latest` (the "
+        "a complete Trainer checkpoint folder (restores optimizer, scheduler and step), `latest` or true (the "
         "newest complete checkpoint-N in output_dir; half-written ones are skipped), or a final adapter "
         "folder (weights only; the schedule restarts). A checkpoint must come from the same run (data, "
         "model, settings in run_config.json).",
@@ -291,6 +292,30 @@ def check_pass_through_names(extra: dict) -> None:
                 for key in unknown
             )
         )
+
+
+def typed_pass_through(extra: dict) -> dict:
+    """The pass-through TrainingArguments flags converted to their fields' declared types, so that
+    `--bf16=false` or `tf32: "no"` in a config file means False (fire leaves such words strings, and
+    TrainingArguments takes any non-empty string for true). Raises one error naming every flag whose
+    value fits no declared type."""
+    import typing
+
+    from transformers import TrainingArguments
+
+    from alpaca.cli import convert_flag
+
+    hints = typing.get_type_hints(TrainingArguments)
+    out, problems = {}, []
+    for key, value in extra.items():
+        hint = hints.get(LEGACY_TRAINING_ARGS.get(key, key))
+        try:
+            out[key] = value if hint is None else convert_flag(key, value, hint)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
 
 
 def parse_target_modules(value) -> list[str] | str:
@@ -543,7 +568,14 @@ def typed_value(spec: dataclasses.Field, flags: dict):
     value = flags.get(spec.name, spec.default)
     if value is None or (value == "" and optional):
         return None if optional else spec.default
-    convert = {"int": int, "float": float, "bool": bool, "str": str}.get(kinds[0])
+    if "bool" in kinds:
+        try:
+            return parse_bool(spec.name, value)
+        except ValueError:
+            if kinds != ["bool"]:
+                return str(value)
+            raise
+    convert = {"int": int, "float": float, "str": str}.get(kinds[0])
     return convert(value) if convert else value
 
 
@@ -555,6 +587,7 @@ def resolve_config(flags: dict, extra: dict) -> FinetuneConfig:
     """
     flags, extra, sources = dict(flags), dict(extra), {}
     check_pass_through_names(extra)
+    extra = typed_pass_through(extra)
     problems = apply_aliases(flags, extra, sources)
     extra, notes = map_training_args(extra)
     problems += apply_trainer_names(flags, extra, sources)

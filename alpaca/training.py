@@ -26,7 +26,7 @@ from alpaca.checkpoints import (
     prepare_output_dir,
     run_identity,
 )
-from alpaca.distributed import configure_fsdp
+from alpaca.distributed import close_process_group, configure_fsdp
 from alpaca.files import write_json_atomic
 from alpaca.finetune_model import add_lora, prepare_tokenizer_and_model, training_precision
 from alpaca.finetune_report import (
@@ -118,4 +118,5 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
     log(
         f"saved to {config.output_dir}: {'LoRA adapter' if config.use_lora else 'model'}, tokenizer, loss.png"
     )
+    close_process_group()
     return metrics
