@@ -90,8 +90,8 @@ def loss(
         batch_size: examples per forward pass.
         output_file: also write the numbers as JSON here.
     """
+    from alpaca.core.files import write_json_atomic
     from alpaca.evaluation.loss import held_out_loss
-    from alpaca.files import write_json_atomic
 
     report = held_out_loss(base_model, lora_weights, data_path, prompt_template_name, cutoff_len, batch_size)
     result = {
@@ -141,6 +141,6 @@ def leaderboard(*result_dirs: str, output_dir: str = "") -> None:
 COMMANDS = {"pairwise": pairwise, "loss": loss, "exact_match": exact_match, "leaderboard": leaderboard}
 
 if __name__ == "__main__":
-    from alpaca.cli import run
+    from alpaca.core.cli import run
 
     run(COMMANDS, "evaluate.py")

@@ -33,8 +33,8 @@ def main(
         model_name: general.name in the file; default derived from the base model's folder name.
         overwrite: replace an existing output_file (only once the new one has passed its checks).
     """
-    from alpaca.export import export_gguf, precision_or_alias
     from alpaca.modeling import require_base_model
+    from alpaca.weights.export import export_gguf, precision_or_alias
 
     precision = precision_or_alias(precision, dtype, default="fp32")
     export_gguf(
@@ -49,6 +49,6 @@ def main(
 
 
 if __name__ == "__main__":
-    from alpaca.cli import run
+    from alpaca.core.cli import run
 
     run(main, "export_gguf.py")

@@ -31,14 +31,14 @@ def main(
         dtype: older name of --precision, kept so that existing export commands run unchanged.
         overwrite: replace an existing non-empty output_dir (only once the new export has passed its checks).
     """
-    from alpaca.export import export_meta, precision_or_alias
     from alpaca.modeling import require_base_model
+    from alpaca.weights.export import export_meta, precision_or_alias
 
     precision = precision_or_alias(precision, dtype, default="base")
     export_meta(require_base_model(base_model), lora_weights, output_dir, precision, overwrite)
 
 
 if __name__ == "__main__":
-    from alpaca.cli import run
+    from alpaca.core.cli import run
 
     run(main, "export_state_dict_checkpoint.py")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from alpaca.finetune_settings import args_docstring
+from alpaca.finetune.settings import args_docstring
 
 
 def train(
@@ -73,11 +73,11 @@ def train(
     flag is an error before anything loads. --config=FILE (YAML or JSON: configs/*.yaml, or a run's
     run_config.json to replay it) gives values; flags on the command line win.
 
-    Each flag's default and help line live in alpaca/finetune_settings.py (the Args below come from it).
+    Each flag's default and help line live in alpaca/finetune/settings.py (the Args below come from it).
     """
-    from alpaca.checkpoints import log
-    from alpaca.threads import set_num_threads
-    from alpaca.training import run_finetune
+    from alpaca.core.log import log
+    from alpaca.core.threads import set_num_threads
+    from alpaca.finetune.run import run_finetune
 
     flags = {k: v for k, v in locals().items() if k != "training_args"}
     set_num_threads(num_threads, log=log)
@@ -88,8 +88,8 @@ train.__doc__ = train.__doc__.rstrip() + "\n\n" + args_docstring()
 
 
 if __name__ == "__main__":
-    from alpaca.cli import run
-    from alpaca.finetune_settings import accepted_keys, settings_from_run_config
+    from alpaca.core.cli import run
+    from alpaca.finetune.resolve import accepted_keys, settings_from_run_config
 
     # `train` takes **training_args, so fire would read --help as one of them; ask for the help page.
     wants_help = {"-h", "--help"} & set(sys.argv[1:])

@@ -110,9 +110,9 @@ def main(
         num_threads: torch CPU threads; 0 chooses: $OMP_NUM_THREADS when set, else the usable physical
             cores (docs/performance.md).
     """
-    from alpaca.batch import check_output_file, read_finished, read_instructions, run_batch
-    from alpaca.decoding import GenerationLimits, make_settings, parse_stop_strings
-    from alpaca.generator_loading import describe, load_generators
+    from alpaca.inference.batch import check_output_file, read_finished, read_instructions, run_batch
+    from alpaca.inference.decoding import GenerationLimits, make_settings, parse_stop_strings
+    from alpaca.inference.loading import describe, load_generators
     from alpaca.modeling import base_model_or_env
 
     base_model = base_model_or_env(base_model)
@@ -143,11 +143,17 @@ def main(
         check_output_file(output_file)
         read_finished(output_file, read_instructions(input_file))
     else:
-        from alpaca.demo import build_demo, check_port_free, launch_demo, parse_auth, request_body_limit
+        from alpaca.inference.page import (
+            build_demo,
+            check_port_free,
+            launch_demo,
+            parse_auth,
+            request_body_limit,
+        )
 
         auth_pair = parse_auth(auth)
         check_port_free(server_name, server_port)
-    from alpaca.threads import set_num_threads
+    from alpaca.core.threads import set_num_threads
 
     set_num_threads(num_threads, log=lambda message: print(message, file=sys.stderr))
     generators = load_generators(
@@ -230,6 +236,6 @@ def check_flags(
 
 
 if __name__ == "__main__":
-    from alpaca.cli import run
+    from alpaca.core.cli import run
 
     run(main, "generate.py")

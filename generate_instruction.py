@@ -13,8 +13,8 @@ See docs/generate_instruction.md.
 
 import sys
 
-from alpaca.selfinstruct.pipeline import DEFAULT_MODEL, SelfInstructConfig
-from alpaca.settings import args_docstring
+from alpaca.core.settings import args_docstring
+from alpaca.selfinstruct.settings import DEFAULT_MODEL, SelfInstructConfig
 
 
 def generate_instruction_following_data(
@@ -47,11 +47,11 @@ def generate_instruction_following_data(
 ) -> None:
     """Generate instruction-following data from seed tasks with an OpenAI-compatible model.
 
-    Each flag's default and help line live in SelfInstructConfig (alpaca/selfinstruct/pipeline.py; the
+    Each flag's default and help line live in SelfInstructConfig (alpaca/selfinstruct/settings.py; the
     Args below come from it).
     """
     settings = dict(locals())
-    from alpaca.selfinstruct.client import APIFailure
+    from alpaca.openai_jobs.client import APIFailure
     from alpaca.selfinstruct.pipeline import GenerationStalled, generate
 
     config = SelfInstructConfig(**settings)
@@ -72,7 +72,7 @@ generate_instruction_following_data.__doc__ = (
 
 
 if __name__ == "__main__":
-    from alpaca.cli import run
+    from alpaca.core.cli import run
 
     # Upstream's form names the function: python -m generate_instruction generate_instruction_following_data.
     if len(sys.argv) > 1 and sys.argv[1] == "generate_instruction_following_data":

@@ -12,7 +12,7 @@ recovered model against it at any later time. `--path_raw` may also be a `.gguf`
 This script imports neither the training code nor the OpenAI client.
 """
 
-from alpaca.weight_files import DEFAULT_MAX_SHARD_SIZE  # a constant; torch is imported only when run
+from alpaca.weights.files import DEFAULT_MAX_SHARD_SIZE  # a constant; torch is imported only when run
 
 
 def make_diff(
@@ -33,7 +33,7 @@ def make_diff(
         overwrite: replace an existing non-empty path_diff (only once the new diff is complete).
         max_shard_size: largest safetensors file to write (5GB, 500MB, ...); save_pretrained's default.
     """
-    from alpaca.weights import make_diff as make
+    from alpaca.weights.diffs import make_diff as make
 
     make(path_raw, path_tuned, path_diff, device=device, overwrite=overwrite, max_shard_size=max_shard_size)
 
@@ -65,7 +65,7 @@ def recover(
             alpaca, or a template file.
         max_shard_size: largest safetensors file to write (5GB, 500MB, ...); save_pretrained's default.
     """
-    from alpaca.weights import recover as recover_weights
+    from alpaca.weights.diffs import recover as recover_weights
 
     recover_weights(
         path_raw,
@@ -88,12 +88,12 @@ def verify(path_tuned: str, integrity_file: str = "", device: str = "cpu"):
         integrity_file: the integrity record to check against; default PATH_TUNED/weight_diff_integrity.json.
         device: where to load the model (cpu, cuda, ...).
     """
-    from alpaca.weights import verify as verify_weights
+    from alpaca.weights.diffs import verify as verify_weights
 
     verify_weights(path_tuned, integrity_file or None, device=device)
 
 
 if __name__ == "__main__":
-    from alpaca.cli import run
+    from alpaca.core.cli import run
 
     run({"make_diff": make_diff, "recover": recover, "verify": verify}, "weight_diff.py")

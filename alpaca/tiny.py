@@ -34,7 +34,7 @@ _BASE_CORPUS = [
 
 def _corpus_lines() -> list[str]:
     lines = list(_BASE_CORPUS)
-    from alpaca.prompter import TEMPLATES_DIR  # inside the package, so an installed copy finds them too
+    from alpaca.core.prompter import TEMPLATES_DIR  # inside the package, so an installed copy finds them too
 
     for template in sorted(TEMPLATES_DIR.glob("*.json")):
         for value in json.loads(template.read_text(encoding="utf-8")).values():

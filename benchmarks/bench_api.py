@@ -89,7 +89,7 @@ def run_clients(port: int, clients: int, requests_per_client: int, max_tokens: i
 def bench_model(
     base_model: str, max_tokens: int, requests_per_client: int, repeats: int, precision: str = "auto"
 ) -> dict:
-    from alpaca.generator_loading import load_generators
+    from alpaca.inference.loading import load_generators
     from alpaca.serving.server import launch_api
 
     (generator,) = load_generators(base_model, lora_weights="", precision=precision)

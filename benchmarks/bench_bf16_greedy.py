@@ -41,8 +41,8 @@ def main(base_model: str = "", max_new_tokens: int = 96, batch_size: int = 8) ->
     """
     import torch
 
-    from alpaca.decoding import DecodingSettings
-    from alpaca.generator_loading import load_generators
+    from alpaca.inference.decoding import DecodingSettings
+    from alpaca.inference.loading import load_generators
     from alpaca.quickstart import SAMPLE_DATA, split_records
 
     if not base_model:

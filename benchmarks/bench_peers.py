@@ -96,7 +96,7 @@ def measure_trl(
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from alpaca.prompter import Prompter
+    from alpaca.core.prompter import Prompter
 
     prompter = Prompter("alpaca")
     records = pick_records(data_path, (warmup_steps + steps) * micro_batch_size, seed)
@@ -240,8 +240,8 @@ def measure_ours(model_folder: str, precision: str, batch_size: int, max_new_tok
     import torch
     from bench_generation import PROMPTS
 
-    from alpaca.decoding import DecodingSettings
-    from alpaca.generator_loading import load_generators
+    from alpaca.inference.decoding import DecodingSettings
+    from alpaca.inference.loading import load_generators
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     (generator,) = load_generators(model_folder, lora_weights="", precision=precision, stop_strings=())
@@ -301,7 +301,7 @@ def generation(
     """
     from bench_generation import PROMPTS
 
-    from alpaca.prompter import Prompter
+    from alpaca.core.prompter import Prompter
 
     base_model = base_model or default_model()
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}

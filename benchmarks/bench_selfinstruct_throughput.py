@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO / "tests"))  # the scripted test server: helpers.scr
 
 from helpers.scripted_server import ScriptedOpenAIServer, synthetic_responder  # noqa: E402
 
-from alpaca.selfinstruct.pipeline import SelfInstructConfig, generate  # noqa: E402
+from alpaca.selfinstruct.pipeline import generate  # noqa: E402
+from alpaca.selfinstruct.settings import SelfInstructConfig  # noqa: E402
 
 
 def run(

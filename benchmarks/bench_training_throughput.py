@@ -75,7 +75,7 @@ def build_model(output_dir: Path, hidden_size: int, num_layers: int, seed: int) 
 
 def pick_records(data_path: str, count: int, seed: int) -> list[dict]:
     """`count` records drawn at random (fixed seed), the same list for every pipeline."""
-    from alpaca.data import load_records
+    from alpaca.finetune.data import load_records
 
     records = load_records(data_path)
     random.Random(seed).shuffle(records)
@@ -86,7 +86,7 @@ def upstream_pipeline(base_model: str, records: list[dict], cutoff_len: int, mic
     """Alpaca-LoRA's data path, as its finetune.py does it (train_on_inputs=True, its default)."""
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
-    from alpaca.prompter import Prompter
+    from alpaca.core.prompter import Prompter
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     tokenizer.pad_token_id = 0
@@ -109,9 +109,9 @@ def upstream_pipeline(base_model: str, records: list[dict], cutoff_len: int, mic
 
 def our_pipeline(config, tokenizer, records: list[dict], packing: bool):
     """finetune.py's data path: build_datasets, then PaddingCollator or PackingCollator."""
-    from alpaca.data import PaddingCollator, build_datasets
-    from alpaca.packing import PackingCollator
-    from alpaca.prompter import Prompter
+    from alpaca.core.prompter import Prompter
+    from alpaca.finetune.data import PaddingCollator, build_datasets
+    from alpaca.finetune.packing import PackingCollator
 
     train, _, _ = build_datasets(
         records,
@@ -131,7 +131,8 @@ def load_model(pipeline: str, base_model: str, use_lora: bool, cutoff_len: int, 
     """The model as each pipeline prepares it; ours goes through finetune.py's own functions."""
     import torch
 
-    from alpaca.training import add_lora, prepare_tokenizer_and_model, resolve_config
+    from alpaca.finetune.model import add_lora, prepare_tokenizer_and_model
+    from alpaca.finetune.resolve import resolve_config
 
     flags = dict(
         base_model=base_model,

@@ -100,15 +100,17 @@ model_other.save_pretrained(out); tokenizer_other.save_pretrained(out)
 """
 UPSTREAM_MAKE = UPSTREAM.replace("{other!r}", "{tuned!r}").replace("{sign}", "-1")
 UPSTREAM_RECOVER = UPSTREAM.replace("{other!r}", "{diff!r}").replace("{sign}", "1")
-OURS_MAKE = "from alpaca.weights import make_diff; make_diff({raw!r}, {tuned!r}, {out!r})"
-OURS_RECOVER = "from alpaca.weights import recover; recover({raw!r}, {diff!r}, {out!r}, test_inference=False)"
+OURS_MAKE = "from alpaca.weights.diffs import make_diff; make_diff({raw!r}, {tuned!r}, {out!r})"
+OURS_RECOVER = (
+    "from alpaca.weights.diffs import recover; recover({raw!r}, {diff!r}, {out!r}, test_inference=False)"
+)
 
 
 COMPARE = """
 import json
 from pathlib import Path
 from safetensors import safe_open
-from alpaca.weights import tensor_sha256
+from alpaca.weights.diffs import tensor_sha256
 def hashes(folder):
     out = {{}}
     for file in sorted(Path(folder).glob("*.safetensors")):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from alpaca.cli import convert_flag, run
+from alpaca.core.cli import convert_flag, run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,7 +165,7 @@ def test_convert_flag_keeps_fires_lists_for_text_flags():
 
 
 def test_pass_through_training_arguments_are_typed_too():
-    from alpaca.finetune_settings import typed_pass_through
+    from alpaca.finetune.resolve import typed_pass_through
 
     assert typed_pass_through({"bf16": "false", "tf32": "no", "no_cuda": "0"}) == {
         "bf16": False,

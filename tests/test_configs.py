@@ -16,14 +16,14 @@ import fire
 import pytest
 
 import finetune
-from alpaca.cli import apply_config_file, load_config_file
-from alpaca.finetune_settings import (
+from alpaca.core.cli import apply_config_file, load_config_file
+from alpaca.finetune.resolve import (
     accepted_keys,
-    flag_defaults,
     parse_target_modules,
     resolve_config,
     settings_from_run_config,
 )
+from alpaca.finetune.settings import flag_defaults
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p for p in (REPO / "configs").iterdir() if p.suffix in (".yaml", ".yml", ".json"))

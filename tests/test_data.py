@@ -2,16 +2,16 @@ import json
 
 import pytest
 
-from alpaca.data import (
+from alpaca.core.prompter import Prompter, available_templates
+from alpaca.finetune.data import (
     IGNORE_INDEX,
     PaddingCollator,
     build_datasets,
     load_records,
     tokenize_example,
 )
+from alpaca.finetune.resolve import gradient_accumulation
 from alpaca.modeling import load_tokenizer
-from alpaca.prompter import Prompter, available_templates
-from alpaca.training import gradient_accumulation
 
 RECORDS = [
     {"instruction": "Name three primary colors.", "input": "", "output": "Red, yellow and blue."},

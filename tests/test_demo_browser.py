@@ -10,12 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers.optional import in_ci
+from helpers.optional import skip_or_fail
 from helpers.ports import free_port
 from helpers.tiny_trained import TRAINED_ANSWERS
 
-from alpaca.decoding import DecodingSettings
-from alpaca.generator_loading import load_generators
+from alpaca.inference.decoding import DecodingSettings
+from alpaca.inference.loading import load_generators
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -32,13 +32,8 @@ TIMEOUT_MS = 60_000
 
 
 def require(condition: bool, reason: str) -> None:
-    if condition:
-        return
-    if in_ci():
-        pytest.fail(
-            f"{reason} (required in CI: apt-get install chromium; pip install -r requirements-dev.txt)"
-        )
-    pytest.skip(reason)
+    if not condition:
+        skip_or_fail(reason, "required in CI: apt-get install chromium; pip install -r requirements-dev.txt")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def page_url(tiny_llama, trained_adapter):
-    from alpaca.demo import build_demo, launch_demo
+    from alpaca.inference.page import build_demo, launch_demo
 
     generators = load_generators(tiny_llama, lora_weights=trained_adapter)
     # Greedy page defaults (what --temperature=0 --num_beams=1 gives), so the answer is known.

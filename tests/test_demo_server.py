@@ -16,14 +16,13 @@ from helpers.optional import import_or_skip
 from helpers.ports import free_port
 from helpers.tiny_trained import TRAINED_ANSWERS
 
-from alpaca.decoding import DecodingSettings, GenerationLimits, make_settings
-from alpaca.generator_loading import load_generators
+from alpaca.inference.decoding import DecodingSettings, GenerationLimits, make_settings
 
 gr = import_or_skip("gradio", "pip install -r requirements.txt")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError, AuthenticationError  # noqa: E402
 
-from alpaca.demo import (  # noqa: E402
+from alpaca.inference.page import (  # noqa: E402
     EXAMPLE_INSTRUCTIONS,
     build_demo,
     check_port_free,
@@ -58,13 +57,6 @@ def listening_addresses(port: int) -> set[str]:
 
 def connect(url: str, **kwargs) -> Client:
     return Client(url, verbose=False, analytics_enabled=False, download_files=False, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def generators(tiny_llama, trained_adapter, tiny_llama_adapter):
-    return load_generators(
-        tiny_llama, lora_weights=trained_adapter, compare_lora_weights=tiny_llama_adapter, limits=LIMITS
-    )
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +173,7 @@ def test_a_port_in_use_is_named(server, generators):
 
 def test_analytics_are_off_unless_the_user_turns_them_on():
     code = (
-        "import os; os.environ.pop('GRADIO_ANALYTICS_ENABLED', None); import alpaca.demo, gradio as gr; "
+        "import os; os.environ.pop('GRADIO_ANALYTICS_ENABLED', None); import alpaca.inference.page, gradio as gr; "
         "print(os.environ['GRADIO_ANALYTICS_ENABLED'], gr.Blocks().analytics_enabled)"
     )
     env = {key: value for key, value in os.environ.items() if key != "GRADIO_ANALYTICS_ENABLED"}

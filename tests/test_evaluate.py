@@ -515,7 +515,7 @@ def test_loss_matches_a_direct_transformers_computation(tiny_llama, tiny_llama_a
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import evaluate
-    from alpaca.prompter import Prompter
+    from alpaca.core.prompter import Prompter
 
     records = [
         {"instruction": "Name a colour.", "input": "", "output": "Blue."},

@@ -17,7 +17,7 @@ from helpers.export_fixtures import (
     snapshot,
 )
 
-from alpaca.export import export_gguf, export_hf, export_meta, meta_ffn_params, meta_params
+from alpaca.weights.export import export_gguf, export_hf, export_meta, meta_ffn_params, meta_params
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "### Instruction:\nName a colour.\n\n### Response:"
@@ -161,7 +161,7 @@ def test_a_merge_that_changes_nothing_is_an_error(tiny_llama, tmp_path):
 def test_a_merge_with_wrong_logits_is_an_error(tiny_llama, tiny_llama_adapter, tmp_path, monkeypatch):
     import torch
 
-    import alpaca.export.core
+    import alpaca.weights.export.core
 
     def bad_merge(peft_model):
         model = peft_model.merge_and_unload()
@@ -169,7 +169,7 @@ def test_a_merge_with_wrong_logits_is_an_error(tiny_llama, tiny_llama_adapter, t
             model.model.layers[1].mlp.up_proj.weight.mul_(3.0)
         return model
 
-    monkeypatch.setattr(alpaca.export.core, "merge_lora", bad_merge)
+    monkeypatch.setattr(alpaca.weights.export.core, "merge_lora", bad_merge)
     with pytest.raises(ValueError, match="logits differ from the adapter model's"):
         export_hf(tiny_llama, tiny_llama_adapter, str(tmp_path / "out"), dtype="fp32")
     assert not (tmp_path / "out").exists()
@@ -452,7 +452,7 @@ def test_tied_embeddings_gguf_equals_llama_cpp_conversion(tiny_llama, tmp_path):
 
 
 def test_overwrite_never_clears_the_working_folder_or_an_input(tmp_path, monkeypatch):
-    from alpaca.modeling import prepare_output_path
+    from alpaca.core.staging import prepare_output_path
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
@@ -511,16 +511,16 @@ def test_a_failed_overwrite_keeps_the_previous_output(tiny_llama, tiny_opt, tiny
 
 def test_a_failing_self_check_leaves_no_output_folder(tiny_llama, tiny_llama_adapter, tmp_path, monkeypatch):
     """The saved model is checked after it is written: a failure there removes what was written."""
-    import alpaca.export.hf
+    import alpaca.weights.export.hf
 
-    real = alpaca.export.hf.check_logits_match
+    real = alpaca.weights.export.hf.check_logits_match
 
     def fail_on_saved(reference, candidate, dtype_name, what, adapter_effect):
         if what == "saved model":
             raise ValueError("self-check failed: simulated")
         return real(reference, candidate, dtype_name, what, adapter_effect)
 
-    monkeypatch.setattr(alpaca.export.hf, "check_logits_match", fail_on_saved)
+    monkeypatch.setattr(alpaca.weights.export.hf, "check_logits_match", fail_on_saved)
     with pytest.raises(ValueError, match="simulated"):
         export_hf(tiny_llama, tiny_llama_adapter, str(tmp_path / "out"), dtype="fp32")
     assert list(tmp_path.iterdir()) == []
@@ -554,7 +554,7 @@ def test_unknown_bpe_pre_tokenizer_is_refused_before_the_merge(tiny_llama, tmp_p
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    import alpaca.export.gguf
+    import alpaca.weights.export.gguf
 
     base = tmp_path / "bpe-llama"
     shutil.copytree(tiny_llama, base)
@@ -573,7 +573,7 @@ def test_unknown_bpe_pre_tokenizer_is_refused_before_the_merge(tiny_llama, tmp_p
     def no_merge(*args, **kwargs):
         raise AssertionError("the merge started before the refusal")
 
-    monkeypatch.setattr(alpaca.export.gguf, "load_and_merge", no_merge)
+    monkeypatch.setattr(alpaca.weights.export.gguf, "load_and_merge", no_merge)
     with pytest.raises(ValueError, match="pre-tokenizer is not one this export knows"):
         export_gguf(str(base), adapter, str(tmp_path / "out.gguf"))
     assert not (tmp_path / "out.gguf").exists()

@@ -13,7 +13,7 @@ import os
 import pytest
 from helpers.export_fixtures import CONVERT_LEGACY, run_converter
 
-from alpaca.export import export_gguf, export_hf, export_meta
+from alpaca.weights.export import export_gguf, export_hf, export_meta
 
 pytestmark = [
     pytest.mark.llamacpp,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers.finetune_runs import logged_losses, run_finetune_fast
 
-from alpaca.data import IGNORE_INDEX
+from alpaca.finetune.data import IGNORE_INDEX
 
 run = run_finetune_fast
 
@@ -120,9 +120,9 @@ def test_resume_from_final_adapter_loads_weights_and_restarts(tiny_llama, small_
 
 
 def test_train_on_inputs_false_reaches_the_pipeline(tiny_llama, small_data, tmp_path):
-    from alpaca.data import load_records, tokenize_example
+    from alpaca.core.prompter import Prompter
+    from alpaca.finetune.data import load_records, tokenize_example
     from alpaca.modeling import load_tokenizer
-    from alpaca.prompter import Prompter
 
     out = tmp_path / "masked"
     run(tiny_llama, small_data, out, max_steps=1, train_on_inputs=False)
@@ -291,7 +291,7 @@ def test_resume_refuses_a_checkpoint_of_a_different_run(tiny_llama, small_data, 
 def test_secrets_are_masked_in_output_and_run_config(tiny_llama, small_data, tmp_path, capsys, monkeypatch):
     import sys
 
-    from alpaca.training import mask_command_line
+    from alpaca.finetune.report import mask_command_line
 
     secret = "hf_SECRETvalue123"
     monkeypatch.setattr(sys, "argv", ["finetune.py", f"--hub_token={secret}", "--wandb_api_key", secret])
@@ -386,7 +386,7 @@ def test_gguf_base_model_is_converted_once_and_recorded(
 ):
     import hashlib
 
-    from alpaca.export import export_gguf
+    from alpaca.weights.export import export_gguf
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     gguf_file = tmp_path / "tiny.gguf"

@@ -9,8 +9,9 @@ import pytest
 from helpers.adapters import make_random_adapter
 from helpers.tiny_trained import TRAINED_ANSWERS
 
-from alpaca.batch import read_instructions, run_batch
-from alpaca.decoding import (
+from alpaca.core.prompter import load_template
+from alpaca.inference.batch import read_instructions, run_batch
+from alpaca.inference.decoding import (
     DecodingSettings,
     GenerationLimits,
     build_generation_config,
@@ -20,9 +21,8 @@ from alpaca.decoding import (
     parse_stop_strings,
     template_stop_strings,
 )
-from alpaca.generation import ResponseGenerator
-from alpaca.generator_loading import display_name, load_generators, model_label
-from alpaca.prompter import load_template
+from alpaca.inference.generation import ResponseGenerator
+from alpaca.inference.loading import display_name, load_generators, model_label
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = DecodingSettings(temperature=0, num_beams=1, max_new_tokens=24)
@@ -33,12 +33,6 @@ REQUESTS = [
     ("Translate.", "I have no mouth"),
     ("Hi", None),
 ]
-
-
-@pytest.fixture(scope="module")
-def generators(tiny_llama, trained_adapter, tiny_llama_adapter):
-    """Main = base + trained adapter; then the random adapter on the same base; then the base alone."""
-    return load_generators(tiny_llama, lora_weights=trained_adapter, compare_lora_weights=tiny_llama_adapter)
 
 
 @pytest.fixture(scope="module")
@@ -480,11 +474,11 @@ def test_generate_py_batch_mode(tiny_llama, trained_adapter, tmp_path, monkeypat
 
 def test_generate_py_checks_the_output_file_before_loading(tiny_llama, tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO))
-    import alpaca.generator_loading
+    import alpaca.inference.loading
     import generate
 
     monkeypatch.setattr(
-        alpaca.generator_loading, "load_generators", lambda *a, **k: pytest.fail("loaded the model")
+        alpaca.inference.loading, "load_generators", lambda *a, **k: pytest.fail("loaded the model")
     )
     input_file = write_records(tmp_path / "in.json", RECORDS[:2])
     with pytest.raises(ValueError, match=r"--output_file='.*' is a folder; give a file name"):
@@ -561,7 +555,7 @@ def test_generate_py_collects_flag_errors(monkeypatch):
 
 def test_a_4bit_model_counts_its_unpacked_parameters(tiny_llama):
     """bitsandbytes packs two 4-bit values per byte; the count reported must be the model's own."""
-    from alpaca.training import count_trainable
+    from alpaca.finetune.report import count_trainable
 
     (plain,) = load_generators(tiny_llama, lora_weights="")
     (packed,) = load_generators(tiny_llama, lora_weights="", load_4bit=True)

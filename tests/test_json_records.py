@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from alpaca.batch import read_instructions
-from alpaca.data import load_records
+from alpaca.finetune.data import load_records
+from alpaca.inference.batch import read_instructions
 from alpaca.selfinstruct.seeds import load_seed_tasks
 
 RECORDS = [

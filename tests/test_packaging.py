@@ -21,7 +21,7 @@ def test_installed_package_finds_its_templates_and_subpackages(tmp_path):
         p.name for p in (REPO / "alpaca" / "templates").glob("*.json")
     }
     probe = (
-        "import alpaca.prompter as p, alpaca.export, alpaca.evaluation, alpaca.selfinstruct, alpaca.serving;"
+        "import alpaca.core.prompter as p, alpaca.weights.export, alpaca.evaluation, alpaca.selfinstruct, alpaca.serving;"
         "print(p.TEMPLATES_DIR); print(p.Prompter('alpaca_legacy').generate_prompt('Say hi.'))"
     )
     run = subprocess.run(

@@ -6,15 +6,15 @@ import pytest
 import torch
 from helpers.finetune_runs import SAMPLE_DATA, logged_losses, run_finetune_fast
 
-from alpaca.data import IGNORE_INDEX, PaddingCollator, tokenize_example
-from alpaca.packing import PackingCollator, check_packing_supported, packing_leak
+from alpaca.finetune.data import IGNORE_INDEX, PaddingCollator, tokenize_example
+from alpaca.finetune.packing import PackingCollator, check_packing_supported, packing_leak
 
 
 @pytest.fixture(scope="module")
 def features(tiny_llama):
     """Six real examples of different lengths (some with an input field), prompt masked or not."""
+    from alpaca.core.prompter import Prompter
     from alpaca.modeling import load_tokenizer
-    from alpaca.prompter import Prompter
 
     tokenizer, prompter = load_tokenizer(tiny_llama), Prompter("alpaca")
     records = json.loads(SAMPLE_DATA.read_text())[:6]

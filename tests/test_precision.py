@@ -94,8 +94,8 @@ def test_generate_py_bf16_on_a_native_bf16_cpu_loads_bf16_and_says_so(
 
 def test_generation_bf16_falls_back_to_fp32_without_native_support(tiny_llama, monkeypatch, capsys):
     import alpaca.modeling
-    from alpaca.decoding import DecodingSettings
-    from alpaca.generator_loading import describe, load_generators
+    from alpaca.inference.decoding import DecodingSettings
+    from alpaca.inference.loading import describe, load_generators
 
     monkeypatch.setattr(alpaca.modeling, "cpu_has_native_bf16", lambda: False)
     (generator,) = load_generators(tiny_llama, lora_weights="", precision="bf16")
@@ -112,7 +112,7 @@ def test_generation_bf16_falls_back_to_fp32_without_native_support(tiny_llama, m
 
 
 def test_generation_precision_auto_stays_fp32_on_the_cpu(tiny_llama):
-    from alpaca.generator_loading import load_generators
+    from alpaca.inference.loading import load_generators
 
     (generator,) = load_generators(tiny_llama, lora_weights="")
     assert generator.model.dtype == torch.float32

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from alpaca.prompter import Prompter, available_templates
+from alpaca.core.prompter import Prompter, available_templates
 
 STANFORD_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

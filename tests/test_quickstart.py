@@ -2,8 +2,8 @@
 
 import json
 
-from alpaca.decoding import template_stop_strings
-from alpaca.prompter import Prompter
+from alpaca.core.prompter import Prompter
+from alpaca.inference.decoding import template_stop_strings
 from alpaca.quickstart import SAMPLE_DATA, describe_answer, split_records, summarize
 
 STOPS = template_stop_strings(Prompter("alpaca").template)

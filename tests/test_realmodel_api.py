@@ -6,16 +6,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers.optional import import_or_skip
 
 import generate_instruction
-from alpaca.batch import run_batch
-from alpaca.decoding import make_settings
-from alpaca.generator_loading import load_generators
+from alpaca.inference.batch import run_batch
+from alpaca.inference.decoding import make_settings
+from alpaca.inference.loading import load_generators
 from alpaca.serving.server import launch_api
 
 pytestmark = pytest.mark.realmodel
 
-openai = pytest.importorskip("openai")
+openai = import_or_skip("openai", "pip install -r requirements.txt")
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = [

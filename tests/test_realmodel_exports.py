@@ -21,7 +21,7 @@ from helpers.export_fixtures import (
 )
 from helpers.weight_diffs import in_memory_make_diff
 
-from alpaca.export import export_gguf, export_hf, export_meta
+from alpaca.weights.export import export_gguf, export_hf, export_meta
 
 pytestmark = pytest.mark.realmodel
 PROMPT = "### Instruction:\nName three primary colours.\n\n### Response:\n"
@@ -267,7 +267,7 @@ def test_weight_diff_round_trip(smollm2, smollm2_gguf, hf_fp32, tmp_path, capsys
     import torch
     from safetensors.torch import load_file
 
-    from alpaca.weights import INTEGRITY_FILE, make_diff, recover, verify
+    from alpaca.weights.diffs import INTEGRITY_FILE, make_diff, recover, verify
 
     tuned = hf_fp32[0]
     record = timed(

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alpaca.checkpoints import checkpoint_problems, latest_complete_checkpoint
+from alpaca.finetune.checkpoints import checkpoint_problems, latest_complete_checkpoint
 
 # A constant schedule and several checkpoints; resume is bit-identical to the uninterrupted run.
 SETTINGS = dict(max_steps=6, save_steps=2, save_total_limit=2, lr_scheduler_type="constant", lora_dropout=0.0)

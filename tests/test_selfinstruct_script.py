@@ -24,8 +24,9 @@ from rouge_score import rouge_scorer
 import generate_instruction
 from alpaca.selfinstruct import pipeline
 from alpaca.selfinstruct.journal import JOURNAL_NAME
-from alpaca.selfinstruct.pipeline import SelfInstructConfig, build_prompt
+from alpaca.selfinstruct.pipeline import build_prompt
 from alpaca.selfinstruct.seeds import load_seed_tasks
+from alpaca.selfinstruct.settings import SelfInstructConfig
 from alpaca.selfinstruct.similarity import rouge_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -464,7 +465,7 @@ def seed_line(**overrides) -> bytes:
     ],
 )
 def test_user_mistakes_are_one_error_line_before_any_request(tmp_path, capsys, case, message):
-    from alpaca.cli import run
+    from alpaca.core.cli import run
 
     seeds, notes = tmp_path / "seeds.jsonl", tmp_path / "notes.txt"
     notes.write_text("my notes\n")
@@ -499,7 +500,7 @@ def test_user_mistakes_are_one_error_line_before_any_request(tmp_path, capsys, c
 
 
 def test_a_garbled_journal_line_stops_the_rerun_before_any_request_and_deletes_nothing(tmp_path, capsys):
-    from alpaca.cli import run
+    from alpaca.core.cli import run
 
     flags = dict(num_instructions_to_generate=40, request_batch_size=1, max_concurrent_requests=1)
     with ScriptedOpenAIServer(synthetic_responder) as server:

@@ -4,13 +4,14 @@ import json
 
 import pytest
 
+from alpaca.openai_jobs.cost import CostMeter, resolve_prices
 from alpaca.selfinstruct import prompts
-from alpaca.selfinstruct.cost import CostMeter, resolve_prices
 from alpaca.selfinstruct.filters import BLACKLIST, rejection_reason
 from alpaca.selfinstruct.journal import Journal
 from alpaca.selfinstruct.parsing import parse_reply
-from alpaca.selfinstruct.pipeline import SelfInstructConfig, generate
+from alpaca.selfinstruct.pipeline import generate
 from alpaca.selfinstruct.seeds import load_seed_tasks
+from alpaca.selfinstruct.settings import SelfInstructConfig
 
 
 def test_encode_prompt_is_upstreams_format():

@@ -10,15 +10,10 @@ from pathlib import Path
 
 import finetune
 import generate_instruction
-from alpaca import settings
-from alpaca.finetune_settings import (
-    FinetuneConfig,
-    flag_defaults,
-    flag_fields,
-    mode_defaults,
-    resolve_config,
-)
-from alpaca.selfinstruct.pipeline import SelfInstructConfig
+from alpaca.core import settings
+from alpaca.finetune.resolve import resolve_config
+from alpaca.finetune.settings import FinetuneConfig, flag_defaults, flag_fields, mode_defaults
+from alpaca.selfinstruct.settings import SelfInstructConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,8 +154,8 @@ def test_generate_instruction_docs_table_lists_the_table_defaults():
 def test_run_config_replays_the_settings(tiny_llama, tmp_path):
     """`finetune.py --config=OUT/run_config.json` resolves to the run's own settings (report keys
     ignored, pass-through flags restored), and a flag on the command line wins."""
-    from alpaca.cli import apply_config_file
-    from alpaca.finetune_settings import accepted_keys, settings_from_run_config
+    from alpaca.core.cli import apply_config_file
+    from alpaca.finetune.resolve import accepted_keys, settings_from_run_config
 
     saved = resolve_config(
         {"base_model": tiny_llama, "data_path": "d.json", "output_dir": str(tmp_path / "a")},

@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers.finetune_runs import run_finetune_fast, write_sample_subset
 
-import alpaca.threads
-from alpaca.threads import _parse_cpu_list, choose_num_threads
+import alpaca.core.threads
+from alpaca.core.threads import _parse_cpu_list, choose_num_threads
 
 
 def test_explicit_count_wins_over_omp_num_threads(monkeypatch):
@@ -16,19 +16,19 @@ def test_explicit_count_wins_over_omp_num_threads(monkeypatch):
 
 def test_without_omp_num_threads_the_usable_cores_are_shared_by_local_ranks(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(alpaca.threads, "usable_cores", lambda: 8)
+    monkeypatch.setattr(alpaca.core.threads, "usable_cores", lambda: 8)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert choose_num_threads(0)[0] == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     count, why = choose_num_threads(0)
     assert count == 4 and "2 local ranks" in why
-    monkeypatch.setattr(alpaca.threads, "usable_cores", lambda: 500)
+    monkeypatch.setattr(alpaca.core.threads, "usable_cores", lambda: 500)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert choose_num_threads(0)[0] == alpaca.threads.MAX_DEFAULT_THREADS
+    assert choose_num_threads(0)[0] == alpaca.core.threads.MAX_DEFAULT_THREADS
 
 
 def test_usable_cores_is_within_the_affinity_mask():
-    assert 1 <= alpaca.threads.usable_cores() <= len(__import__("os").sched_getaffinity(0))
+    assert 1 <= alpaca.core.threads.usable_cores() <= len(__import__("os").sched_getaffinity(0))
 
 
 def test_bad_counts_are_errors_naming_the_setting(monkeypatch):

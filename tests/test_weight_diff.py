@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers.weight_diffs import in_memory_make_diff
 
-from alpaca.weights import ALPACA_7B_SUM, INTEGRITY_FILE, make_diff, recover, tensor_sha256
+from alpaca.weights.diffs import ALPACA_7B_SUM, INTEGRITY_FILE, make_diff, recover, tensor_sha256
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,7 +145,7 @@ def test_bad_inputs(diff, tiny_llama, tiny_opt, tuned, tmp_path):
 def test_script_imports_neither_training_nor_openai():
     probe = (
         "import sys, weight_diff; heavy = [m for m in sys.modules if m.split('.')[0] in "
-        "('openai', 'torch', 'transformers', 'finetune', 'train') or m == 'alpaca.training']; print(heavy)"
+        "('openai', 'torch', 'transformers', 'finetune', 'train') or m == 'alpaca.finetune.run']; print(heavy)"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
@@ -178,8 +178,8 @@ def test_script_imports_neither_training_nor_openai():
     )
     shown = (verify_help.stdout + verify_help.stderr).lower()
     assert verify_help.returncode == 0 and "path_tuned" in shown and "integrity_file" in shown
-    source = (REPO / "alpaca" / "weights.py").read_text() + (REPO / "weight_diff.py").read_text()
-    assert "openai" not in source.replace("OpenAI client", "") and "alpaca.training" not in source
+    source = (REPO / "alpaca" / "weights" / "diffs.py").read_text() + (REPO / "weight_diff.py").read_text()
+    assert "openai" not in source.replace("OpenAI client", "") and "alpaca.finetune.run" not in source
 
 
 def snapshot(path) -> dict:
@@ -232,7 +232,7 @@ def test_damaged_diff_files_are_named(diff, tiny_llama, tmp_path):
 def test_recover_keeps_the_hashes_and_verify_checks_them(diff, tiny_llama, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from alpaca.weights import verify
+    from alpaca.weights.diffs import verify
 
     recovered = tmp_path / "recovered"
     recover(tiny_llama, str(diff[0]), str(recovered), test_inference=False)
@@ -255,8 +255,8 @@ def test_recover_keeps_the_hashes_and_verify_checks_them(diff, tiny_llama, tmp_p
 
 def test_smoke_test_prompt_is_the_training_template(diff, tiny_llama, capsys):
     """Upstream asked with '\\r\\n' line breaks, which training never used: the prompt is the template's."""
-    from alpaca.prompter import Prompter
-    from alpaca.weights import TEST_INSTRUCTION
+    from alpaca.core.prompter import Prompter
+    from alpaca.weights.diffs import TEST_INSTRUCTION
 
     recover(tiny_llama, str(diff[0]), test_inference=True, check_integrity_naively=False)
     printed = capsys.readouterr().out
@@ -382,7 +382,7 @@ def test_output_is_what_save_pretrained_writes(diff, tiny_llama, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).state_dict()
     for key, tensor in model.state_dict().items():
         assert torch.equal(reloaded[key], tensor), key
-    from alpaca.weights import verify
+    from alpaca.weights.diffs import verify
 
     assert verify(str(sharded)) == len(diff[1]["tensors"])
 
@@ -406,8 +406,8 @@ def test_one_tensor_at_a_time(diff, tiny_llama, tuned, tmp_path, monkeypatch):
     import gc
     import weakref
 
-    from alpaca import weight_files
-    from alpaca.weights import verify
+    from alpaca.weights import files as weight_files
+    from alpaca.weights.diffs import verify
 
     alive, peak, reads = set(), [0], iter(range(10**6))
     original = weight_files.WeightReader.get
@@ -432,7 +432,7 @@ def test_layout_mistakes_are_named(diff, tiny_llama, tuned, opt_pair, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from alpaca.weight_files import SafetensorsWriter, local_model_folder, parse_size
+    from alpaca.weights.files import SafetensorsWriter, local_model_folder, parse_size
 
     bigger_raw = tmp_path / "bigger_raw"  # the raw files hold a layer the tuned model does not have
     shutil.copytree(tiny_llama, bigger_raw)
@@ -477,7 +477,7 @@ def test_layout_mistakes_are_named(diff, tiny_llama, tuned, opt_pair, tmp_path):
 KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from alpaca.modeling import staged_output
+from alpaca.core.staging import staged_output
 target, moment = Path(sys.argv[1]), sys.argv[2]
 if moment == "between_renames":
     real_replace = os.replace
@@ -504,8 +504,8 @@ def test_what_a_killed_run_left_is_tidied_and_the_old_output_kept(diff, tiny_lla
     """kill -9 of a run while it streams its output: the previous output is untouched and the partial copy
     is left beside it; the next run deletes that copy. kill -9 between the two renames of the swap: the
     previous output, moved aside, is put back. Both with real killed processes."""
-    from alpaca.modeling import clear_killed_staging
-    from alpaca.weights import verify
+    from alpaca.core.staging import clear_killed_staging
+    from alpaca.weights.diffs import verify
 
     recovered = tmp_path / "out" / "recovered"
     recover(tiny_llama, str(diff[0]), str(recovered), test_inference=False)

@@ -18,8 +18,8 @@ import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from alpaca.core.files import write_json_atomic
 from alpaca.evaluation.outputs import load_outputs, record_key
-from alpaca.files import write_json_atomic
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?|-?\.\d+")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d)")

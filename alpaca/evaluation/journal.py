@@ -10,22 +10,21 @@ deleted, since every line after it is a paid-for judgment.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-from alpaca.files import read_journal
+from alpaca.core.files import read_journal
+from alpaca.openai_jobs.journal import JournalWriter, request_hash
 
 JOURNAL_NAME = "judge_journal.jsonl"
 JOURNAL_VERSION = 1
 _JUDGMENT_FIELDS = {"request_sha256": str, "text": str, "prompt_tokens": int, "completion_tokens": int}
 
 
-def request_hash(api: str, judge_model: str, max_tokens: int, temperature: float, prompt: str) -> str:
+def judgment_hash(api: str, judge_model: str, max_tokens: int, temperature: float, prompt: str) -> str:
     """What a stored judgment answered; a different value for any of these is a different request."""
-    key = json.dumps([api, judge_model, max_tokens, temperature, prompt], ensure_ascii=False)
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return request_hash([api, judge_model, max_tokens, temperature, prompt], ensure_ascii=False)
 
 
 def _problem(line: bytes) -> tuple[dict | None, str]:
@@ -54,7 +53,7 @@ class JudgeJournal:
 
     def __init__(self, output_dir: str | os.PathLike):
         self.path = Path(output_dir) / JOURNAL_NAME
-        self._handle = None
+        self._writer = JournalWriter(self.path, ensure_ascii=False)
 
     def load(self) -> dict[str, dict]:
         """Every judgment in the journal, by request hash (empty when there is no journal)."""
@@ -68,19 +67,10 @@ class JudgeJournal:
 
     def open(self) -> None:
         """Open for appending; a new (or emptied) journal starts with a header line."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        is_new = not self.path.exists() or self.path.stat().st_size == 0
-        self._handle = self.path.open("ab")
-        if is_new:
-            self.append({"kind": "header", "version": JOURNAL_VERSION})
+        self._writer.open({"kind": "header", "version": JOURNAL_VERSION})
 
     def append(self, entry: dict) -> None:
-        # One write of one complete line, then fsync: a kill leaves at most a torn last line.
-        self._handle.write(json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        self._writer.append(entry)
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        self._writer.close()

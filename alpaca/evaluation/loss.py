@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from alpaca.data import load_records
+from alpaca.core.prompter import Prompter
+from alpaca.finetune.data import load_records
 from alpaca.metrics import LossReport, response_loss
-from alpaca.prompter import Prompter
 
 
 def held_out_loss(

@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alpaca.files import read_json_records
+from alpaca.core.files import read_json_records
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Pairwise judging of a model's outputs against a reference's, through any OpenAI-compatible endpoint.
 
 Every matched pair is judged in both orders (see ``stats`` for how they combine). Requests go out up
-to ``max_concurrent_requests`` at a time through the self-instruct client (retries, Retry-After, the
-"prompt too long" shrink); each reply is appended to the journal as soon as it arrives, so a killed
+to ``max_concurrent_requests`` at a time through ``alpaca.openai_jobs``' client (retries, Retry-After,
+the "prompt too long" shrink); each reply is appended to the journal as soon as it arrives, so a killed
 run loses at most the requests in flight, and a rerun judges only what the journal lacks. The files
 written (annotations.json, results.json) depend only on the judgments, not on timing or concurrency.
 """
@@ -15,7 +15,8 @@ import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from alpaca.evaluation.journal import JudgeJournal, request_hash
+from alpaca.core.files import write_json_atomic
+from alpaca.evaluation.journal import JudgeJournal, judgment_hash
 from alpaca.evaluation.judge import (
     COMPLETIONS_STOP,
     DEFAULT_JUDGE_MODEL,
@@ -25,15 +26,13 @@ from alpaca.evaluation.judge import (
 )
 from alpaca.evaluation.outputs import Matching, Pair, load_outputs, match_outputs
 from alpaca.evaluation.stats import combine_orders, preferred_side, summarize
-from alpaca.files import write_json_atomic
-from alpaca.selfinstruct.cost import CostMeter, resolve_prices
+from alpaca.openai_jobs.cost import CostMeter, request_texts, resolve_prices, worst_case_usd
+from alpaca.openai_jobs.settings import api_check, backoff_check, cap_check, client_checks, price_checks
 
 ORDERS = ("reference_first", "model_first")
 ANNOTATIONS_NAME = "annotations.json"
 RESULTS_NAME = "results.json"
 CONFIG_NAME = "pairwise_config.json"
-# A bound on the tokens a request adds around its text (role markers, BOS...).
-PROMPT_OVERHEAD_TOKENS = 32
 PREFERENCE_RULE = (
     "each pair is judged twice (reference as Output (a), then the model as Output (a)); preference 2 = win "
     "(both orders prefer the model), 1 = loss (both prefer the reference), 1.5 = tie (the orders disagree), "
@@ -102,27 +101,15 @@ class PairwiseConfig:
                 existing is None or existing.is_dir(),
                 f"--output_dir={self.output_dir!r}: {existing} is a file, not a folder",
             ),
-            (self.api in ("chat", "completions"), f"--api must be 'chat' or 'completions', not {self.api!r}"),
+            api_check(self.api),
             (bool(self.judge_model), "--judge_model must name a model"),
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "--max_tokens must be at least 1"),
             (0.0 <= self.temperature <= 2.0, "--temperature must be between 0 and 2"),
-            (self.max_concurrent_requests >= 1, "--max_concurrent_requests must be at least 1"),
-            (self.max_retries >= 0, "--max_retries must be 0 or more"),
-            (self.request_timeout > 0, "--request_timeout must be positive (seconds)"),
-            (self.initial_retry_delay >= 0, "--initial_retry_delay must be 0 or more (seconds)"),
-            (self.max_cost_usd is None or self.max_cost_usd > 0, "--max_cost_usd must be positive"),
+            *client_checks(self),
+            backoff_check(self),
+            cap_check(self),
+            *price_checks(self, self.judge_model),
         ]
-        for name in ("prompt_price_per_1m", "completion_price_per_1m"):
-            value = getattr(self, name)
-            checks.append((value is None or value >= 0, f"--{name} must be 0 or more"))
-        if self.max_cost_usd is not None and self.prices() is None:
-            checks.append(
-                (
-                    False,
-                    f"--max_cost_usd needs a price, and {self.judge_model!r} has no built-in one: pass "
-                    "--prompt_price_per_1m and --completion_price_per_1m (USD per 1M tokens)",
-                )
-            )
         return [message for ok, message in checks if not ok]
 
     def prices(self) -> tuple[float, float] | None:
@@ -150,17 +137,15 @@ def plan_requests(config: PairwiseConfig, pairs: list[Pair]) -> list[JudgeReques
                 else (pair.model_output, pair.reference_output)
             )
             prompt = build_judge_prompt(pair.instruction, pair.input, first, second)
-            sha = request_hash(config.api, config.judge_model, config.max_tokens, config.temperature, prompt)
+            sha = judgment_hash(config.api, config.judge_model, config.max_tokens, config.temperature, prompt)
             requests.append(JudgeRequest(index, order, prompt, sha))
     return requests
 
 
-def worst_case_usd(config: PairwiseConfig, meter: CostMeter, prompt: str) -> float:
-    """The most one request can be billed: every current tokenizer spends at least one UTF-8 byte per
-    token, so the bytes of the messages bound the prompt tokens; the reply is at most --max_tokens."""
-    texts = [m["content"] for m in judge_messages(prompt)] if config.api == "chat" else [prompt]
-    prompt_tokens = sum(len(text.encode("utf-8")) for text in texts) + PROMPT_OVERHEAD_TOKENS
-    return meter.request_cost(prompt_tokens, config.max_tokens) or 0.0
+def worst_case_cost(config: PairwiseConfig, meter: CostMeter, prompt: str) -> float:
+    """The most one judge request can be billed (0 when the price is unknown: then there is no cap)."""
+    texts = request_texts(config.api, prompt, judge_messages)
+    return worst_case_usd(meter, texts, config.max_tokens) or 0.0
 
 
 def judgment_entry(request: JudgeRequest, pair: Pair, config: PairwiseConfig, reply) -> dict:
@@ -191,7 +176,7 @@ async def judge_all(
     """Send every request, journaling each reply as it arrives; returns why it stopped early, or ""."""
     from tqdm import tqdm
 
-    from alpaca.selfinstruct.client import APIFailure, CompletionClient, RetryPolicy
+    from alpaca.openai_jobs.client import APIFailure, CompletionClient, RetryPolicy
 
     client = CompletionClient(
         api=config.api,
@@ -212,7 +197,7 @@ async def judge_all(
     try:
         while pending or in_flight:
             while pending and len(in_flight) < config.max_concurrent_requests and failure is None:
-                worst = worst_case_usd(config, meter, pending[0].prompt)
+                worst = worst_case_cost(config, meter, pending[0].prompt)
                 reserved = sum(cost for _, cost in in_flight.values())
                 if config.max_cost_usd is not None and meter.usd + reserved + worst > config.max_cost_usd:
                     break

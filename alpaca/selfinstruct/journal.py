@@ -15,7 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alpaca.files import read_journal, write_json_atomic
+from alpaca.core.files import read_journal, write_json_atomic
+from alpaca.openai_jobs.journal import JournalWriter
 
 JOURNAL_NAME = "regen_journal.jsonl"
 REGEN_NAME = "regen.json"
@@ -89,7 +90,7 @@ class Journal:
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / JOURNAL_NAME
         self.regen_path = self.output_dir / REGEN_NAME
-        self._handle = None
+        self._writer = JournalWriter(self.path)
 
     def load(self) -> JournalState:
         """Read the journal; without one, adopt an existing regen.json (upstream's resume file)."""
@@ -190,18 +191,15 @@ class Journal:
 
     def start(self, seed: int, imported: list[dict]) -> None:
         """Open the journal for appending; a new one gets a header (and any adopted regen.json records)."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        # Empty when a kill tore the very first line (set aside on load): it still needs its header.
-        is_new = not self.path.exists() or self.path.stat().st_size == 0
-        self._handle = self.path.open("ab")
-        if is_new:
-            self._append({"kind": "header", "version": JOURNAL_VERSION, "seed": seed})
-            if imported:
-                self._append({"kind": "import", "records": imported})
+        is_new = self._writer.open({"kind": "header", "version": JOURNAL_VERSION, "seed": seed})
+        if is_new and imported:
+            self._writer.append({"kind": "import", "records": imported})
 
     def append_request(self, request_index: int, records: list[dict], counts: dict) -> None:
         """Durably record one applied request: its kept records and its counters."""
-        self._append({"kind": "request", "request": request_index, "records": records, "counts": counts})
+        self._writer.append(
+            {"kind": "request", "request": request_index, "records": records, "counts": counts}
+        )
 
     def append_reply(self, request_index: int, request_sha256: str, reply: dict, counts: dict) -> None:
         """Durably keep a reply that was paid for but not applied, so a rerun uses it instead of buying it.
@@ -212,7 +210,7 @@ class Journal:
             reply: the reply's fields (text, finish reason, usage...).
             counts: its tokens and retries, counted in the totals from now on.
         """
-        self._append(
+        self._writer.append(
             {
                 "kind": "reply",
                 "request": request_index,
@@ -222,16 +220,8 @@ class Journal:
             }
         )
 
-    def _append(self, entry: dict) -> None:
-        # One write of one complete line, then fsync: a kill leaves at most a torn last line.
-        self._handle.write(json.dumps(entry).encode("utf-8") + b"\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        self._writer.close()
 
     def write_regen(self, records: list[dict]) -> None:
         """Replace regen.json with all records (upstream's output format)."""

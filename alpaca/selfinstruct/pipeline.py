@@ -5,218 +5,43 @@ machine-generated examples are mixed in) records from requests before k - MACHIN
 Replies are applied strictly in request order, so with a deterministic server the output is the same
 for any ``max_concurrent_requests``, and a resumed run continues exactly where the journal ends.
 
-``SelfInstructConfig`` is the table of settings: each flag's default and help line live there.
+``SelfInstructConfig`` (in ``settings``) is the table of settings: each flag's default and help line
+live there.
 """
 
 import asyncio
 import bisect
 import dataclasses
-import hashlib
 import json
 import os
 import random
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from alpaca.selfinstruct.client import APIFailure, CompletionClient, CompletionReply, RetryPolicy
-from alpaca.selfinstruct.cost import CostMeter, resolve_prices
+from alpaca.openai_jobs.client import APIFailure, CompletionClient, CompletionReply, RetryPolicy
+from alpaca.openai_jobs.cost import CostMeter, request_texts, resolve_prices, worst_case_usd
+from alpaca.openai_jobs.journal import request_hash
 from alpaca.selfinstruct.journal import Journal, JournalState, add_counts, write_json_atomically
 from alpaca.selfinstruct.parsing import parse_reply
 from alpaca.selfinstruct.prompts import (
     MACHINE_EXAMPLE_LAG,
+    STOP_SEQUENCES,
     chat_messages,
     encode_prompt,
     request_rng,
     sample_examples,
 )
 from alpaca.selfinstruct.seeds import load_seed_tasks
+from alpaca.selfinstruct.settings import SelfInstructConfig
 from alpaca.selfinstruct.similarity import SimilarityIndex
-from alpaca.selfinstruct.tokens import TOKENIZERS
-from alpaca.settings import setting
 
-DEFAULT_MODEL = "gpt-4o-mini"
 CONFIG_NAME = "generate_instruction_config.json"
 SUMMARY_NAME = "generate_instruction_summary.json"
-# Items after N+1 are numbered up to 19 (the stop sequences end the list before 20).
-MAX_PROMPT_INSTRUCTIONS = 18
-# A bound on the tokens a chat or completions request adds around its text (role markers, BOS...).
-PROMPT_OVERHEAD_TOKENS = 32
 
 
 class GenerationStalled(RuntimeError):
     """Too many requests in a row kept nothing (--max_requests_without_new); everything is saved."""
-
-
-@dataclass
-class SelfInstructConfig:
-    """Every setting of a run: each field is one flag of ``generate_instruction.py``, with its default
-    and its help line (the ``Args:`` section of ``generate_instruction.py --help`` is generated from it).
-
-    Adding a knob takes three edits:
-      1. a ``setting(...)`` field here (default, help line);
-      2. the same name and default in ``generate_instruction_following_data``'s signature (fire reads the
-         signature; tests/test_settings.py checks that it agrees with this table);
-      3. the code that uses ``config.<name>`` (and a check in ``problems`` if some values are invalid).
-    """
-
-    output_dir: str = setting(
-        "./", "folder for regen.json, alpaca_data.json, the journal, settings and summary."
-    )
-    seed_tasks_path: str = setting(
-        "./seed_tasks.jsonl",
-        "seed tasks JSONL (id, name, instruction, instances[{input, output}], is_classification).",
-    )
-    num_instructions_to_generate: int = setting(
-        100, "stop once this many instructions are kept (checked between batches)."
-    )
-    model_name: str = setting(
-        DEFAULT_MODEL,
-        "the model (default gpt-4o-mini: the cheapest current OpenAI model that takes temperature, top_p and stop).",
-    )
-    num_prompt_instructions: int = setting(3, "in-context examples per prompt.")
-    request_batch_size: int = setting(
-        5, "requests per batch; the target is checked and a line printed after each batch."
-    )
-    temperature: float = setting(1.0, "sampling temperature.")
-    top_p: float = setting(1.0, "nucleus sampling threshold.")
-    num_cpus: int = setting(
-        16,
-        "threads for the ROUGE-L filter's LCS (capped at this machine's CPUs); upstream's process pool is gone.",
-    )
-    api: str = setting(
-        "chat", '"chat" (chat completions) or "completions" (the legacy completions endpoint, as upstream).'
-    )
-    base_url: str | None = setting(
-        None,
-        "an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp's server, Ollama).",
-    )
-    max_tokens: int = setting(
-        3072, "reply length requested (shrunk by 20% whenever the server says the prompt is too long)."
-    )
-    max_concurrent_requests: int = setting(8, "requests in flight at once; the output does not depend on it.")
-    max_retries: int = setting(
-        5, "retries per request for 429, 5xx, timeouts and dropped connections before the run stops."
-    )
-    request_timeout: float = setting(120.0, "seconds before a request is abandoned and retried.")
-    initial_retry_delay: float = setting(
-        1.0, "first backoff in seconds (doubles per retry, with jitter, at most 60 s; Retry-After wins)."
-    )
-    seed: int | None = setting(
-        None, "seed for sampling the examples (and sent to the server); random and saved when not given."
-    )
-    max_cost_usd: float | None = setting(
-        None,
-        "never spend more (USD, all runs in output_dir): requests go out only while their worst case fits.",
-    )
-    prompt_price_per_1m: float | None = setting(
-        None, "USD per 1M prompt tokens (overrides the built-in price; needed for unknown models)."
-    )
-    completion_price_per_1m: float | None = setting(None, "USD per 1M completion tokens.")
-    num_machine_instructions: int = setting(
-        0,
-        "how many of the prompt's examples come from generated tasks (self-instruct used 2 of 8).",
-    )
-    export_alpaca_data: bool = setting(True, "also write alpaca_data.json (instruction, input, output only).")
-    save_every_s: float = setting(
-        10.0, "seconds between rewrites of regen.json (the journal is saved after every request)."
-    )
-    progress: bool = setting(True, "show the progress bar.")
-    max_requests_without_new: int = setting(
-        50, "stop after this many requests in a row keep no new instruction (0: never)."
-    )
-    rouge_tokenizer: str = setting(
-        "rouge_score",
-        '"rouge_score" (upstream\'s; keeps only a-z, 0-9) or "unicode" (any script; see the docs).',
-    )
-
-    def problems(self) -> list[str]:
-        """Every invalid setting, each with the flag name and what is allowed."""
-        wrong_types = self.type_problems()
-        if wrong_types:
-            return wrong_types
-        checks = [
-            (self.num_instructions_to_generate >= 1, "--num_instructions_to_generate must be at least 1"),
-            (
-                1 <= self.num_prompt_instructions <= MAX_PROMPT_INSTRUCTIONS,
-                f"--num_prompt_instructions must be between 1 and {MAX_PROMPT_INSTRUCTIONS} (the list stops at 20)",
-            ),
-            (self.request_batch_size >= 1, "--request_batch_size must be at least 1"),
-            (0.0 <= self.temperature <= 2.0, "--temperature must be between 0 and 2"),
-            (0.0 < self.top_p <= 1.0, "--top_p must be in (0, 1]"),
-            (self.num_cpus >= 1, "--num_cpus must be at least 1"),
-            (self.api in ("chat", "completions"), f"--api must be 'chat' or 'completions', not {self.api!r}"),
-            (self.max_tokens >= 16, "--max_tokens must be at least 16"),
-            (self.max_concurrent_requests >= 1, "--max_concurrent_requests must be at least 1"),
-            (self.max_retries >= 0, "--max_retries must be 0 or more"),
-            (self.request_timeout > 0, "--request_timeout must be positive (seconds)"),
-            (self.save_every_s >= 0, "--save_every_s must be 0 or more (seconds)"),
-            (self.initial_retry_delay >= 0, "--initial_retry_delay must be 0 or more (seconds)"),
-            (self.max_cost_usd is None or self.max_cost_usd > 0, "--max_cost_usd must be positive"),
-            (
-                0 <= self.num_machine_instructions <= self.num_prompt_instructions,
-                "--num_machine_instructions must be between 0 and --num_prompt_instructions",
-            ),
-            (
-                self.max_requests_without_new >= 0,
-                "--max_requests_without_new must be 0 (no limit) or more",
-            ),
-            output_dir_check(self.output_dir),
-            (
-                self.rouge_tokenizer in TOKENIZERS,
-                f"--rouge_tokenizer must be one of {', '.join(TOKENIZERS)}, not {self.rouge_tokenizer!r}",
-            ),
-        ]
-        for name in ("prompt_price_per_1m", "completion_price_per_1m"):
-            value = getattr(self, name)
-            checks.append((value is None or value >= 0, f"--{name} must be 0 or more"))
-        if self.max_cost_usd is not None:
-            prices = resolve_prices(self.model_name, self.prompt_price_per_1m, self.completion_price_per_1m)
-            checks.append(
-                (
-                    prices is not None,
-                    f"--max_cost_usd needs a price, and {self.model_name!r} has no built-in one: pass "
-                    "--prompt_price_per_1m and --completion_price_per_1m (USD per 1M tokens)",
-                )
-            )
-        return [message for ok, message in checks if not ok]
-
-    def type_problems(self) -> list[str]:
-        """Flags whose value has the wrong type (fire passes ``--num_instructions_to_generate=abc`` as text)."""
-        wanted = {bool: "True or False", int: "a whole number", float: "a number", str: "text"}
-        problems = []
-        for spec in dataclasses.fields(self):
-            value, kinds = getattr(self, spec.name), typing.get_args(spec.type) or (spec.type,)
-            optional = type(None) in kinds
-            base = next(kind for kind in kinds if kind is not type(None))
-            if value is None and optional:
-                continue
-            if base is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            else:
-                ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
-            if not ok:
-                allowed = wanted[base] + (" (or left out)" if optional else "")
-                problem = f"--{spec.name} must be {allowed}, not {value!r}"
-                if base is str and isinstance(value, (int, float)):
-                    # fire reads --output_dir=2024 as a number.
-                    quoted = f"--{spec.name}='\"{value}\"'"
-                    problem += f" (for a name that looks like a number, write ./{value} or {quoted})"
-                problems.append(problem)
-        return problems
-
-
-def output_dir_check(output_dir: str) -> tuple[bool, str]:
-    """--output_dir must be a folder or creatable as one: no part of it may be an existing file."""
-    path = Path(output_dir).expanduser()
-    for part in (path, *path.parents):
-        if part.exists():
-            return part.is_dir(), (
-                f"--output_dir {output_dir!r}: {part} is a file, not a folder; give a folder path "
-                "(it is created if missing)"
-            )
-    return True, ""
 
 
 @dataclass
@@ -227,7 +52,7 @@ class RunState:
         stored_replies: replies an earlier run paid for but did not apply, by request index.
         requests_without_new: requests in a row, up to the last applied, that kept nothing.
         reserved_usd: for each request in flight, the most it can cost (held against --max_cost_usd).
-        request_hashes: for each request in flight, its ``request_hash`` (journaled with an unapplied reply).
+        request_hashes: for each request in flight, its ``reply_hash`` (journaled with an unapplied reply).
     """
 
     records: list[dict]
@@ -392,20 +217,15 @@ def should_stop(config: SelfInstructConfig, state: RunState) -> bool:
     return False
 
 
-def request_hash(config: SelfInstructConfig, prompt: str) -> str:
+def reply_hash(config: SelfInstructConfig, prompt: str) -> str:
     """What a stored reply answered: the endpoint, the model and the prompt."""
-    return hashlib.sha256(json.dumps([config.api, config.model_name, prompt]).encode("utf-8")).hexdigest()
+    return request_hash([config.api, config.model_name, prompt])
 
 
-def worst_case_usd(config: SelfInstructConfig, meter: CostMeter, prompt: str) -> float | None:
-    """The most one request can be billed: its prompt and a full ``--max_tokens`` reply.
-
-    Every current tokenizer spends at least one UTF-8 byte per token of text, so the bytes of the
-    messages (plus a fixed allowance for the tokens around them) bound the prompt tokens.
-    """
-    texts = [message["content"] for message in chat_messages(prompt)] if config.api == "chat" else [prompt]
-    prompt_tokens = sum(len(text.encode("utf-8")) for text in texts) + PROMPT_OVERHEAD_TOKENS
-    return meter.request_cost(prompt_tokens, config.max_tokens)
+def worst_case_cost(config: SelfInstructConfig, meter: CostMeter, prompt: str) -> float | None:
+    """The most one request can be billed: its prompt and a full ``--max_tokens`` reply (None when the
+    model's price is unknown)."""
+    return worst_case_usd(meter, request_texts(config.api, prompt, chat_messages), config.max_tokens)
 
 
 def fits_the_cap(config: SelfInstructConfig, state: RunState, worst_usd: float | None) -> bool:
@@ -420,7 +240,7 @@ def stored_reply(
 ) -> CompletionReply | None:
     """The reply an earlier run paid for, when it answered this very prompt with this model and endpoint."""
     entry = state.stored_replies.pop(request_index, None)
-    if entry is None or entry["request_sha256"] != request_hash(config, prompt):
+    if entry is None or entry["request_sha256"] != reply_hash(config, prompt):
         return None
     fields = {spec.name for spec in dataclasses.fields(CompletionReply)}
     return CompletionReply(
@@ -441,6 +261,8 @@ async def run_requests(config, seed, seed_examples, index, journal, state: RunSt
         max_tokens=config.max_tokens,
         request_timeout=config.request_timeout,
         retry=RetryPolicy(max_retries=config.max_retries, initial_delay_s=config.initial_retry_delay),
+        stop=STOP_SEQUENCES,
+        messages=chat_messages,
     )
     progress = tqdm(
         total=config.num_instructions_to_generate,
@@ -465,11 +287,11 @@ async def run_requests(config, seed, seed_examples, index, journal, state: RunSt
                 if reused is not None:
                     in_flight[next_to_send] = asyncio.ensure_future(asyncio.sleep(0, reused))
                 else:
-                    worst = worst_case_usd(config, state.meter, prompt)
+                    worst = worst_case_cost(config, state.meter, prompt)
                     if not fits_the_cap(config, state, worst):
                         break
                     state.reserved_usd[next_to_send] = worst or 0.0
-                    state.request_hashes[next_to_send] = request_hash(config, prompt)
+                    state.request_hashes[next_to_send] = reply_hash(config, prompt)
                     in_flight[next_to_send] = asyncio.create_task(
                         client.complete(prompt, api_seed(seed, next_to_send))
                     )

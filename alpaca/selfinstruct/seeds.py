@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from alpaca.files import read_json_values
+from alpaca.core.files import read_json_values
 
 
 def load_seed_tasks(path: str) -> list[dict]:
@@ -10,7 +10,7 @@ def load_seed_tasks(path: str) -> list[dict]:
 
     Each line is a JSON object with ``instruction`` and ``instances`` (a list of ``{input, output}``);
     ``id``, ``name`` and ``is_classification`` may be present and are not used. Blank lines are skipped.
-    The file is read as training data is (``alpaca.files.read_json_values``), so a JSON list of seed
+    The file is read as training data is (``alpaca.core.files.read_json_values``), so a JSON list of seed
     tasks works too.
 
     Raises:

@@ -12,236 +12,31 @@ Rows may differ in every decoding setting: each step's logits are turned into ea
 that row's own rule (`next_tokens`): the argmax for greedy rows, exactly as `generate` picks it, so
 their tokens are those of `generate.py`'s batch mode; for sampling rows, their own temperature, top-p,
 top-k and `torch.Generator` (seeded per request, so a seed reproduces a reply whatever else is in the
-batch). Each row then takes its token (`Row.add_token`): stop strings, token limits, streaming, and
-the end of a row whose client went away.
+batch). Each row then takes its token (`Row.add_token`, in `rows`): stop strings, token limits,
+streaming, and the end of a row whose client went away.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import queue
-import random
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from alpaca.decoding import DecodingSettings, held_back
-from alpaca.generation import ResponseGenerator
+from alpaca.inference.decoding import DecodingSettings
+from alpaca.inference.generation import ResponseGenerator
+from alpaca.serving.rows import Job, Row, RowSettings
 
 logger = logging.getLogger(__name__)
 
-# Prompt tokens decoded in front of the generated ones, so that a reply's first characters (a
-# sentencepiece word's leading space) decode as they do after the whole prompt.
-CONTEXT_TOKENS = 8
 # Seconds after a batch during which its clients are expected back (see `_expected_rows`).
 RECENT_S = 1.0
 
 
 class QueueFull(RuntimeError):
     """More rows are waiting than the queue holds (`max_queue_size`)."""
-
-
-@dataclass(frozen=True)
-class RowSettings:
-    """How to decode one row.
-
-    Attributes:
-        max_tokens: the most tokens to generate.
-        temperature: 0 is greedy; above 0 samples, with `top_p` and `top_k` (0: off) applied.
-        seed: seeds this row's own random generator; None draws a fresh seed.
-        stop: the reply ends before the first of these strings.
-        stop_token_ids: tokens that end the reply (EOS), not part of it.
-        logprobs: None: none; k >= 0: each token's log-probability and the k most likely alternatives.
-        strip: strip the reply and the text before a stop string, as the page and batch mode do.
-    """
-
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: frozenset[int] = frozenset()
-    logprobs: int | None = None
-    strip: bool = False
-
-    @property
-    def samples(self) -> bool:
-        return self.temperature > 0
-
-
-@dataclass
-class TokenLogprob:
-    """One generated token's log-probability (of the model's distribution, before temperature) and
-    the most likely alternatives at that step, as (token id, log-probability) pairs."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-def visible_text(raw: str, stop: Sequence[str], strip: bool, final: bool) -> tuple[str, bool]:
-    """The part of a row's decoded text that may be shown, and whether a stop string ended it.
-
-    Before the end, text that may still become a stop string is held back, as is an incomplete UTF-8
-    character (decoded as U+FFFD) and, when stripping, trailing whitespace, so every later version
-    of the text extends the one shown before.
-    """
-    text = raw.lstrip() if strip else raw
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    if cut >= 0:
-        text = text[:cut]
-        return (text.rstrip() if strip else text), True
-    if not final:
-        text = text[: len(text) - held_back(text, stop)].rstrip("\ufffd")
-    return (text.rstrip() if strip else text), False
-
-
-class Row:
-    """One sequence being generated: a prompt and one choice of one request."""
-
-    def __init__(self, job: Job, index: int, prompt_ids: list[int], settings: RowSettings, rng=None):
-        self.job = job
-        self.index = index
-        self.prompt_ids = list(prompt_ids)
-        self.settings = settings
-        self.rng = rng
-        self.token_ids: list[int] = []
-        self.logprobs: list[TokenLogprob] = []
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.step_logprobs = None
-        self._context_text: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def add_token(self, token: int, tokenizer) -> None:
-        """Take the token generated for this row; end the row at EOS, a stop string or the limit."""
-        if token in self.settings.stop_token_ids:
-            self._update_text(tokenizer, final=True)
-            self.finish("stop")
-            return
-        self.token_ids.append(token)
-        if self.step_logprobs is not None:
-            self.logprobs.append(self._logprob_of(token))
-            self.step_logprobs = None
-        if self._update_text(tokenizer, final=False):
-            self.finish("stop")
-        elif len(self.token_ids) >= self.settings.max_tokens:
-            if self._update_text(tokenizer, final=True):
-                self.finish("stop")
-            else:
-                self.finish("length")
-
-    def finish(self, reason: str, tokenizer=None) -> None:
-        """End the row ("stop", "length", "cancelled", "error"); with `tokenizer`, decode its text first."""
-        if self.finished:
-            return
-        if tokenizer is not None:
-            self._update_text(tokenizer, final=True)
-        self.finish_reason = reason
-        self.job.row_finished(self)
-
-    def _logprob_of(self, token: int) -> TokenLogprob:
-        import torch
-
-        values = self.step_logprobs
-        top = []
-        if self.settings.logprobs:
-            best = torch.topk(values, self.settings.logprobs)
-            top = list(zip(best.indices.tolist(), best.values.tolist()))
-        return TokenLogprob(token, float(values[token]), top)
-
-    def _decode(self, tokenizer) -> str:
-        context = self.prompt_ids[-CONTEXT_TOKENS:]
-        if self._context_text is None:
-            self._context_text = tokenizer.decode(context, skip_special_tokens=True)
-        full = tokenizer.decode(context + self.token_ids, skip_special_tokens=True)
-        if full.startswith(self._context_text):
-            return full[len(self._context_text) :]
-        return tokenizer.decode(self.token_ids, skip_special_tokens=True)
-
-    def _tail_has_stop(self, tokenizer) -> bool:
-        """Whether the newest tokens hold a stop string: every token decodes to at least one byte, so
-        (longest stop string in bytes + 2) tokens hold any stop string that the newest one completed.
-        Cheaper than decoding the whole reply at every step."""
-        if not self.settings.stop:
-            return False
-        window = max(len(stop.encode("utf-8")) for stop in self.settings.stop) + 2
-        tail = tokenizer.decode(self.token_ids[-window:], skip_special_tokens=True)
-        return any(stop in tail for stop in self.settings.stop)
-
-    def _update_text(self, tokenizer, final: bool) -> bool:
-        """Decode the reply so far, send its new part to a streaming client; True if a stop string
-        ended it. Rows that do not stream are decoded in full only at the end or at a stop string."""
-        if not final and not self.job.stream and not self._tail_has_stop(tokenizer):
-            return False
-        shown, stopped = visible_text(self._decode(tokenizer), self.settings.stop, self.settings.strip, final)
-        if not self.job.stream:
-            self.text = shown
-        elif shown.startswith(self.text) and len(shown) > len(self.text):
-            delta, self.text = shown[len(self.text) :], shown
-            self.job.events.put(("delta", self, delta))
-        return stopped
-
-
-class Job:
-    """One HTTP request: its rows, and how their results reach the request's thread.
-
-    Streaming requests get ("delta", row, text), ("finish", row, None) and ("error", None, message)
-    events in `events`; every request can wait on `done`. `cancel()` (the client went away) ends the
-    request's rows at the next token, and rows still queued are dropped.
-    """
-
-    def __init__(self, stream: bool = False):
-        self.stream = stream
-        self.rows: list[Row] = []
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.done = threading.Event()
-        self.cancelled = threading.Event()
-        self.error: str | None = None
-        self.prompt_tokens = 0
-        self._lock = threading.Lock()
-        self._remaining = 0
-
-    def add_row(self, prompt_ids: list[int], settings: RowSettings, device="cpu") -> Row:
-        """Add a row with its own random generator (seeded by `settings.seed`, else afresh)."""
-        import torch
-
-        rng = None
-        if settings.samples:
-            rng = torch.Generator(device=device)
-            rng.manual_seed(
-                settings.seed if settings.seed is not None else random.SystemRandom().getrandbits(63)
-            )
-        row = Row(self, len(self.rows), prompt_ids, settings, rng)
-        self.rows.append(row)
-        self._remaining += 1
-        return row
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def fail(self, message: str) -> None:
-        """End the job with an error (generation raised); its unfinished rows end as "error"."""
-        self.error = message
-        if self.stream:
-            self.events.put(("error", None, message))
-        for row in self.rows:
-            row.finish("error")
-
-    def row_finished(self, row: Row) -> None:
-        if self.stream:
-            self.events.put(("finish", row, None))
-        with self._lock:
-            self._remaining -= 1
-            if self._remaining == 0:
-                self.done.set()
 
 
 @dataclass

@@ -12,9 +12,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from alpaca.decoding import MAX_TEMPERATURE, max_input_chars
-from alpaca.generation import ResponseGenerator
-from alpaca.serving.batching import CONTEXT_TOKENS, BatchScheduler, Job, Row, RowSettings
+from alpaca.inference.decoding import MAX_TEMPERATURE, max_input_chars
+from alpaca.inference.generation import ResponseGenerator
+from alpaca.serving.batching import BatchScheduler
+from alpaca.serving.rows import CONTEXT_TOKENS, Job, Row, RowSettings
 
 CHAT_FORMATS = ("template", "tokenizer")
 MAX_STOP_STRINGS = 16

@@ -19,8 +19,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
-from alpaca.decoding import GenerationLimits, max_input_chars
-from alpaca.generation import ResponseGenerator
+from alpaca.inference.decoding import GenerationLimits, max_input_chars
+from alpaca.inference.generation import ResponseGenerator
 from alpaca.serving.batching import BatchScheduler, QueueFull
 from alpaca.serving.openai_protocol import (
     CHAT_FORMATS,

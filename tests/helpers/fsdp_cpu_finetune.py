@@ -20,7 +20,7 @@ import fire  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import finetune  # noqa: E402
-from alpaca.training import run_finetune  # noqa: E402
+from alpaca.finetune.run import run_finetune  # noqa: E402
 
 
 class ShardReport(TrainerCallback):

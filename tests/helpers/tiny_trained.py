@@ -27,8 +27,8 @@ def train_tiny_adapter(base_model: str, output_dir, steps: int = 150, seed: int 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from alpaca.core.prompter import Prompter
     from alpaca.modeling import load_tokenizer
-    from alpaca.prompter import Prompter
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(base_model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alpaca.weights import tensor_sha256
+from alpaca.weights.diffs import tensor_sha256
 
 
 def in_memory_make_diff(path_raw, path_tuned):

@@ -1,0 +1,246 @@
+"""Instruction data: load and validate records, tokenize with label masks, collate (packing lives in
+`alpaca.finetune.packing`).
+
+The label rule, computed on token ids: the training sequence is the prompt's tokens, then the output's
+tokens, then EOS. With `train_on_inputs=False` exactly the prompt's tokens are masked with
+IGNORE_INDEX, so the unmasked labels are the output plus EOS for every template.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from alpaca.core.files import read_json_records
+
+IGNORE_INDEX = -100
+REQUIRED_FIELDS = ("instruction", "output")
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def load_records(data_path: str) -> list[dict]:
+    """Load Alpaca records from a `.json`/`.jsonl` file (either name, either format: the content decides,
+    see `alpaca.core.files.read_json_values`) or a Hugging Face dataset name or folder (train split)."""
+    path = Path(data_path).expanduser()
+    if path.suffix in (".json", ".jsonl") and not path.is_dir():
+        if not path.is_file():
+            raise ValueError(f"--data_path={data_path!r}: no such file")
+        records = read_json_records(path, f"data file {str(path)!r}")
+    elif data_path.startswith((".", "/", "~")) and not path.exists():
+        raise ValueError(f"--data_path={data_path!r}: no such file or folder")
+    else:
+        # A hub dataset name, or a local dataset folder (data files, or a `save_to_disk` folder).
+        from datasets import load_dataset, load_from_disk
+
+        try:
+            saved_to_disk = any(
+                (path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json")
+            )
+            if path.is_dir() and saved_to_disk:
+                dataset = load_from_disk(str(path))
+                records = list(dataset["train"] if hasattr(dataset, "keys") else dataset)
+            else:
+                records = list(load_dataset(data_path, split="train"))
+        except Exception as err:  # the hub raises many types; the user needs the name and the cause
+            raise ValueError(
+                f"--data_path={data_path!r} is neither a local .json/.jsonl file nor a loadable Hugging Face "
+                f"dataset ({type(err).__name__}: {err})"
+            ) from err
+    validate_records(records, source=data_path)
+    return records
+
+
+def validate_records(records: list, source: str) -> None:
+    """Raise a ValueError naming the first bad record: missing, null or non-string fields.
+
+    `instruction` and `output` must be strings (`output` may be empty); `input` may be absent or null.
+    A null `output` is an error rather than an empty answer: training on it would teach the model to
+    answer nothing.
+    """
+    if not records:
+        raise ValueError(f"{source!r} holds no records")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{source!r} record {index} is a {type(record).__name__}, not an object")
+        for key in REQUIRED_FIELDS:
+            if key not in record:
+                raise ValueError(f"{source!r} record {index} has no {key!r} field (fields: {sorted(record)})")
+        for key in ("instruction", "input", "output"):
+            value = record.get(key)
+            if key == "input" and value is None:
+                continue
+            if key in record and not isinstance(value, str):
+                kind = "null" if value is None else type(value).__name__
+                raise ValueError(f"{source!r} record {index}: {key!r} must be a string, not {kind}")
+        if not record["instruction"].strip():
+            raise ValueError(f"{source!r} record {index} has an empty 'instruction'")
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def tokenize_example(record: dict, tokenizer, prompter, cutoff_len: int, train_on_inputs: bool) -> dict:
+    """Tokenize one record into `input_ids`, `attention_mask`, `labels` and a `status`.
+
+    `status` is `ok`, `truncated` (cut at `cutoff_len`; no EOS since the output is incomplete) or
+    `skipped` (the prompt alone fills `cutoff_len`, leaving nothing to learn; upstream trained on such
+    rows and got NaN losses when every label was masked).
+    """
+    prompt = prompter.generate_prompt(record["instruction"], record.get("input") or None)
+    output = record["output"] or ""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    full_ids = tokenizer(prompt + output, add_special_tokens=True)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        # The tokenizer merged text across the prompt/output boundary; keep the prompt's own tokens
+        # so the mask covers exactly the prompt.
+        output_ids = tokenizer(output, add_special_tokens=False)["input_ids"]
+        full_ids = prompt_ids + output_ids
+    if tokenizer.eos_token_id is not None and (not full_ids or full_ids[-1] != tokenizer.eos_token_id):
+        full_ids = full_ids + [tokenizer.eos_token_id]
+    n_prompt = len(prompt_ids)
+    status = "ok"
+    if n_prompt >= cutoff_len:
+        status = "skipped"
+    elif len(full_ids) > cutoff_len:
+        status = "truncated"
+    full_ids = full_ids[:cutoff_len]
+    labels = list(full_ids)
+    if not train_on_inputs:
+        labels[:n_prompt] = [IGNORE_INDEX] * min(n_prompt, len(labels))
+    return {
+        "input_ids": full_ids,
+        "attention_mask": [1] * len(full_ids),
+        "labels": labels,
+        "status": status,
+        "n_prompt": n_prompt,
+    }
+
+
+@dataclass
+class DataReport:
+    """What the pipeline did to the records: printed before training and saved as JSON."""
+
+    source: str = ""
+    records: int = 0
+    kept: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    skipped_indices: list = field(default_factory=list)
+    train_examples: int = 0
+    val_examples: int = 0
+    trained_tokens: int = 0
+    length_percentiles: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["skipped_indices"] = data["skipped_indices"][:50]
+        return data
+
+    def summary(self) -> str:
+        p = self.length_percentiles
+        lengths = ", ".join(f"{k} {v}" for k, v in p.items())
+        return (
+            f"data {self.source}: {self.records} records, {self.kept} kept, {self.skipped} skipped "
+            f"(prompt alone fills cutoff_len), {self.truncated} truncated; train {self.train_examples}, "
+            f"val {self.val_examples}; tokens per example: {lengths}"
+        )
+
+
+def _percentiles(lengths: list[int]) -> dict:
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+    pick = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+    out = {name: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for name, q in pick.items()}
+    out["min"], out["max"], out["mean"] = ordered[0], ordered[-1], round(sum(ordered) / len(ordered), 1)
+    return out
+
+
+def build_datasets(
+    records: list[dict],
+    tokenizer,
+    prompter,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    val_set_size: int,
+    seed: int,
+    source: str = "",
+):
+    """Tokenize every record, drop the skipped ones, split off a validation set.
+
+    Returns `(train_examples, val_examples, report)`; examples are dicts of token id lists.
+    """
+    report = DataReport(source=source, records=len(records))
+    examples = []
+    for index, record in enumerate(records):
+        example = tokenize_example(record, tokenizer, prompter, cutoff_len, train_on_inputs)
+        if example["status"] == "skipped":
+            report.skipped += 1
+            report.skipped_indices.append(index)
+            continue
+        report.truncated += example["status"] == "truncated"
+        examples.append({key: example[key] for key in ("input_ids", "attention_mask", "labels")})
+    report.kept = len(examples)
+    if not examples:
+        raise ValueError(
+            f"{source!r}: all {len(records)} records were skipped because their prompt alone is at least "
+            f"--cutoff_len={cutoff_len} tokens; raise --cutoff_len"
+        )
+    if val_set_size >= len(examples):
+        raise ValueError(
+            f"--val_set_size={val_set_size} leaves no training data: only {len(examples)} usable examples; "
+            "lower it (0 disables validation)"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    val = [examples[i] for i in order[:val_set_size]] if val_set_size > 0 else []
+    train = [examples[i] for i in order[val_set_size:]] if val_set_size > 0 else examples
+    report.train_examples, report.val_examples = len(train), len(val)
+    report.trained_tokens = sum(sum(1 for t in ex["labels"] if t != IGNORE_INDEX) for ex in train)
+    report.length_percentiles = _percentiles([len(ex["input_ids"]) for ex in examples])
+    return train, val, report
+
+
+# ---------------------------------------------------------------- collation
+
+
+class PaddingCollator:
+    """Right-pads a list of examples into a batch; labels are padded with IGNORE_INDEX."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            pad = length - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
+            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+class ExampleDataset:
+    """A list of tokenized examples with a `lengths` view for length-grouped sampling."""
+
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ex["input_ids"]) for ex in self.examples]

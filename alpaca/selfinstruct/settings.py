@@ -1,0 +1,175 @@
+"""Every setting of a self-instruct run (``generate_instruction.py``'s flags) and its checks.
+
+``SelfInstructConfig`` is the table: each flag's default and help line live there. The client flags it
+shares with pairwise judging are checked by ``alpaca.openai_jobs.settings``.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from alpaca.core.settings import setting
+from alpaca.openai_jobs.settings import api_check, backoff_check, cap_check, client_checks, price_checks
+from alpaca.selfinstruct.tokens import TOKENIZERS
+
+DEFAULT_MODEL = "gpt-4o-mini"
+# Items after N+1 are numbered up to 19 (the stop sequences end the list before 20).
+MAX_PROMPT_INSTRUCTIONS = 18
+
+
+@dataclass
+class SelfInstructConfig:
+    """Every setting of a run: each field is one flag of ``generate_instruction.py``, with its default
+    and its help line (the ``Args:`` section of ``generate_instruction.py --help`` is generated from it).
+
+    Adding a knob takes three edits:
+      1. a ``setting(...)`` field here (default, help line);
+      2. the same name and default in ``generate_instruction_following_data``'s signature (fire reads the
+         signature; tests/test_settings.py checks that it agrees with this table);
+      3. the code that uses ``config.<name>`` (and a check in ``problems`` if some values are invalid).
+    """
+
+    output_dir: str = setting(
+        "./", "folder for regen.json, alpaca_data.json, the journal, settings and summary."
+    )
+    seed_tasks_path: str = setting(
+        "./seed_tasks.jsonl",
+        "seed tasks JSONL (id, name, instruction, instances[{input, output}], is_classification).",
+    )
+    num_instructions_to_generate: int = setting(
+        100, "stop once this many instructions are kept (checked between batches)."
+    )
+    model_name: str = setting(
+        DEFAULT_MODEL,
+        "the model (default gpt-4o-mini: the cheapest current OpenAI model that takes temperature, top_p and stop).",
+    )
+    num_prompt_instructions: int = setting(3, "in-context examples per prompt.")
+    request_batch_size: int = setting(
+        5, "requests per batch; the target is checked and a line printed after each batch."
+    )
+    temperature: float = setting(1.0, "sampling temperature.")
+    top_p: float = setting(1.0, "nucleus sampling threshold.")
+    num_cpus: int = setting(
+        16,
+        "threads for the ROUGE-L filter's LCS (capped at this machine's CPUs); upstream's process pool is gone.",
+    )
+    api: str = setting(
+        "chat", '"chat" (chat completions) or "completions" (the legacy completions endpoint, as upstream).'
+    )
+    base_url: str | None = setting(
+        None,
+        "an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp's server, Ollama).",
+    )
+    max_tokens: int = setting(
+        3072, "reply length requested (shrunk by 20% whenever the server says the prompt is too long)."
+    )
+    max_concurrent_requests: int = setting(8, "requests in flight at once; the output does not depend on it.")
+    max_retries: int = setting(
+        5, "retries per request for 429, 5xx, timeouts and dropped connections before the run stops."
+    )
+    request_timeout: float = setting(120.0, "seconds before a request is abandoned and retried.")
+    initial_retry_delay: float = setting(
+        1.0, "first backoff in seconds (doubles per retry, with jitter, at most 60 s; Retry-After wins)."
+    )
+    seed: int | None = setting(
+        None, "seed for sampling the examples (and sent to the server); random and saved when not given."
+    )
+    max_cost_usd: float | None = setting(
+        None,
+        "never spend more (USD, all runs in output_dir): requests go out only while their worst case fits.",
+    )
+    prompt_price_per_1m: float | None = setting(
+        None, "USD per 1M prompt tokens (overrides the built-in price; needed for unknown models)."
+    )
+    completion_price_per_1m: float | None = setting(None, "USD per 1M completion tokens.")
+    num_machine_instructions: int = setting(
+        0,
+        "how many of the prompt's examples come from generated tasks (self-instruct used 2 of 8).",
+    )
+    export_alpaca_data: bool = setting(True, "also write alpaca_data.json (instruction, input, output only).")
+    save_every_s: float = setting(
+        10.0, "seconds between rewrites of regen.json (the journal is saved after every request)."
+    )
+    progress: bool = setting(True, "show the progress bar.")
+    max_requests_without_new: int = setting(
+        50, "stop after this many requests in a row keep no new instruction (0: never)."
+    )
+    rouge_tokenizer: str = setting(
+        "rouge_score",
+        '"rouge_score" (upstream\'s; keeps only a-z, 0-9) or "unicode" (any script; see the docs).',
+    )
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, each with the flag name and what is allowed."""
+        wrong_types = self.type_problems()
+        if wrong_types:
+            return wrong_types
+        checks = [
+            (self.num_instructions_to_generate >= 1, "--num_instructions_to_generate must be at least 1"),
+            (
+                1 <= self.num_prompt_instructions <= MAX_PROMPT_INSTRUCTIONS,
+                f"--num_prompt_instructions must be between 1 and {MAX_PROMPT_INSTRUCTIONS} (the list stops at 20)",
+            ),
+            (self.request_batch_size >= 1, "--request_batch_size must be at least 1"),
+            (0.0 <= self.temperature <= 2.0, "--temperature must be between 0 and 2"),
+            (0.0 < self.top_p <= 1.0, "--top_p must be in (0, 1]"),
+            (self.num_cpus >= 1, "--num_cpus must be at least 1"),
+            api_check(self.api),
+            (self.max_tokens >= 16, "--max_tokens must be at least 16"),
+            *client_checks(self),
+            (self.save_every_s >= 0, "--save_every_s must be 0 or more (seconds)"),
+            backoff_check(self),
+            cap_check(self),
+            (
+                0 <= self.num_machine_instructions <= self.num_prompt_instructions,
+                "--num_machine_instructions must be between 0 and --num_prompt_instructions",
+            ),
+            (
+                self.max_requests_without_new >= 0,
+                "--max_requests_without_new must be 0 (no limit) or more",
+            ),
+            output_dir_check(self.output_dir),
+            (
+                self.rouge_tokenizer in TOKENIZERS,
+                f"--rouge_tokenizer must be one of {', '.join(TOKENIZERS)}, not {self.rouge_tokenizer!r}",
+            ),
+            *price_checks(self, self.model_name),
+        ]
+        return [message for ok, message in checks if not ok]
+
+    def type_problems(self) -> list[str]:
+        """Flags whose value has the wrong type (fire passes ``--num_instructions_to_generate=abc`` as text)."""
+        wanted = {bool: "True or False", int: "a whole number", float: "a number", str: "text"}
+        problems = []
+        for spec in dataclasses.fields(self):
+            value, kinds = getattr(self, spec.name), typing.get_args(spec.type) or (spec.type,)
+            optional = type(None) in kinds
+            base = next(kind for kind in kinds if kind is not type(None))
+            if value is None and optional:
+                continue
+            if base is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
+            if not ok:
+                allowed = wanted[base] + (" (or left out)" if optional else "")
+                problem = f"--{spec.name} must be {allowed}, not {value!r}"
+                if base is str and isinstance(value, (int, float)):
+                    # fire reads --output_dir=2024 as a number.
+                    quoted = f"--{spec.name}='\"{value}\"'"
+                    problem += f" (for a name that looks like a number, write ./{value} or {quoted})"
+                problems.append(problem)
+        return problems
+
+
+def output_dir_check(output_dir: str) -> tuple[bool, str]:
+    """--output_dir must be a folder or creatable as one: no part of it may be an existing file."""
+    path = Path(output_dir).expanduser()
+    for part in (path, *path.parents):
+        if part.exists():
+            return part.is_dir(), (
+                f"--output_dir {output_dir!r}: {part} is a file, not a folder; give a folder path "
+                "(it is created if missing)"
+            )
+    return True, ""
