@@ -42,7 +42,7 @@ def train(
     wandb_run_name: str = "",
     wandb_watch: str = "",
     wandb_log_model: str = "",
-    resume_from_checkpoint: str | None = None,
+    resume_from_checkpoint: str | bool | None = None,
     prompt_template_name: str | None = None,
     chat_template: str = "",
     # beyond upstream

@@ -93,3 +93,23 @@ def trained_adapter(tiny_llama, tmp_path_factory):
 def small_data(tmp_path_factory):
     """32 short records from the project's sample data."""
     return write_sample_subset(tmp_path_factory.mktemp("data") / "small.json", 32)
+
+
+@pytest.fixture(scope="session")
+def small_data_24(tmp_path_factory):
+    """24 short records from the project's sample data (the full fine-tuning runs)."""
+    return write_sample_subset(tmp_path_factory.mktemp("data") / "small.json", 24)
+
+
+@pytest.fixture(scope="module")
+def generators(request, tiny_llama, trained_adapter, tiny_llama_adapter):
+    """Main = base + trained adapter; then the random adapter on the same base; then the base alone.
+    Loaded once per test module, with the module's `LIMITS` (a `GenerationLimits`) when it sets one."""
+    from alpaca.inference.loading import load_generators
+
+    return load_generators(
+        tiny_llama,
+        lora_weights=trained_adapter,
+        compare_lora_weights=tiny_llama_adapter,
+        limits=getattr(request.module, "LIMITS", None),
+    )

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers.optional import import_or_skip
 from helpers.ports import free_port
 
 from alpaca.inference.batch import run_batch
@@ -22,7 +23,7 @@ from alpaca.inference.decoding import make_settings
 from alpaca.inference.loading import load_generators
 from alpaca.serving.server import ApiServer, launch_api
 
-openai = pytest.importorskip("openai")
+openai = import_or_skip("openai", "pip install -r requirements.txt")
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "tiny-alpaca"

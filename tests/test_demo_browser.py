@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers.optional import in_ci
+from helpers.optional import skip_or_fail
 from helpers.ports import free_port
 from helpers.tiny_trained import TRAINED_ANSWERS
 
@@ -32,13 +32,8 @@ TIMEOUT_MS = 60_000
 
 
 def require(condition: bool, reason: str) -> None:
-    if condition:
-        return
-    if in_ci():
-        pytest.fail(
-            f"{reason} (required in CI: apt-get install chromium; pip install -r requirements-dev.txt)"
-        )
-    pytest.skip(reason)
+    if not condition:
+        skip_or_fail(reason, "required in CI: apt-get install chromium; pip install -r requirements-dev.txt")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from helpers.ports import free_port
 from helpers.tiny_trained import TRAINED_ANSWERS
 
 from alpaca.inference.decoding import DecodingSettings, GenerationLimits, make_settings
-from alpaca.inference.loading import load_generators
 
 gr = import_or_skip("gradio", "pip install -r requirements.txt")
 from gradio_client import Client  # noqa: E402
@@ -58,13 +57,6 @@ def listening_addresses(port: int) -> set[str]:
 
 def connect(url: str, **kwargs) -> Client:
     return Client(url, verbose=False, analytics_enabled=False, download_files=False, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def generators(tiny_llama, trained_adapter, tiny_llama_adapter):
-    return load_generators(
-        tiny_llama, lora_weights=trained_adapter, compare_lora_weights=tiny_llama_adapter, limits=LIMITS
-    )
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,13 @@ import json
 
 import pytest
 import torch
-from helpers.finetune_runs import SAMPLE_DATA, write_sample_subset
+from helpers.finetune_runs import SAMPLE_DATA
 
 import finetune
 from alpaca.core.prompter import Prompter
 from alpaca.finetune.data import IGNORE_INDEX, load_records, tokenize_example
 from alpaca.finetune.resolve import resolve_config
 from alpaca.modeling import PAD_TOKEN, load_tokenizer, resize_embeddings_for_new_tokens
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    return write_sample_subset(tmp_path_factory.mktemp("data") / "small.json", 24)
 
 
 def stanford_labels(record, tokenizer, max_length):
@@ -61,14 +56,14 @@ def test_pad_token_added_with_mean_initialised_rows(tiny_llama):
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_full_finetune_learns_saves_and_reloads(arch, tiny_llama, tiny_opt, small_data, tmp_path):
+def test_full_finetune_learns_saves_and_reloads(arch, tiny_llama, tiny_opt, small_data_24, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = tiny_llama if arch == "llama" else tiny_opt
     out = tmp_path / "full"
     metrics = finetune.train(
         base_model=base,
-        data_path=small_data,
+        data_path=small_data_24,
         output_dir=str(out),
         use_lora=False,
         batch_size=8,
@@ -122,13 +117,13 @@ def test_stanford_recipe_defaults():
     assert lora.train_on_inputs is True and lora.warmup_steps == 100
 
 
-def test_stanford_command_flags_map_to_ours(tiny_llama, small_data, tmp_path, capsys):
+def test_stanford_command_flags_map_to_ours(tiny_llama, small_data_24, tmp_path, capsys):
     """The flags of Stanford's README command (train.py replaced by finetune.py --use_lora=False)."""
     out = tmp_path / "stanford"
     finetune.train(
         use_lora=False,
         output_dir=str(out),
-        data_path=small_data,
+        data_path=small_data_24,
         max_steps=2,
         **{
             "model_name_or_path": tiny_llama,
@@ -205,7 +200,7 @@ def test_conflicting_and_bad_flags(flags, extra, message, monkeypatch):
         resolve_config(base, extra)
 
 
-def test_wrong_fsdp_wrap_class_fails_before_loading(tiny_opt, small_data, tmp_path, monkeypatch):
+def test_wrong_fsdp_wrap_class_fails_before_loading(tiny_opt, small_data_24, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # configure_fsdp only keeps FSDP for several ranks
     import alpaca.finetune.run as training
 
@@ -217,7 +212,7 @@ def test_wrong_fsdp_wrap_class_fails_before_loading(tiny_opt, small_data, tmp_pa
     ):
         finetune.train(
             base_model=tiny_opt,
-            data_path=small_data,
+            data_path=small_data_24,
             output_dir=str(tmp_path / "x"),
             use_lora=False,
             batch_size=8,

@@ -36,12 +36,6 @@ REQUESTS = [
 
 
 @pytest.fixture(scope="module")
-def generators(tiny_llama, trained_adapter, tiny_llama_adapter):
-    """Main = base + trained adapter; then the random adapter on the same base; then the base alone."""
-    return load_generators(tiny_llama, lora_weights=trained_adapter, compare_lora_weights=tiny_llama_adapter)
-
-
-@pytest.fixture(scope="module")
 def main(generators):
     return generators[0]
 

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers.optional import import_or_skip
 
 import generate_instruction
 from alpaca.inference.batch import run_batch
@@ -15,7 +16,7 @@ from alpaca.serving.server import launch_api
 
 pytestmark = pytest.mark.realmodel
 
-openai = pytest.importorskip("openai")
+openai = import_or_skip("openai", "pip install -r requirements.txt")
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = [

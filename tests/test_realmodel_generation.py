@@ -31,7 +31,7 @@ MARKERS = ("### Instruction:", "### Input:", "### Response:")
 
 
 @pytest.fixture(scope="module")
-def generators(smollm2, smollm2_adapter):
+def smollm2_generators(smollm2, smollm2_adapter):
     """[base + adapter, base alone], from the GGUF file itself (converted once, cached as `smollm2`)."""
     import torch
 
@@ -52,8 +52,8 @@ def without_stops(generator: ResponseGenerator) -> ResponseGenerator:
     )
 
 
-def test_raw_greedy_output_runs_on_and_the_stop_strings_cut_it(generators):
-    base = generators[1]
+def test_raw_greedy_output_runs_on_and_the_stop_strings_cut_it(smollm2_generators):
+    base = smollm2_generators[1]
     assert base.stop_strings[:3] == MARKERS
     requests = [(prompt, None) for prompt in PROMPTS]
     raw = without_stops(base).generate_replies(requests, GREEDY)
@@ -68,8 +68,10 @@ def test_raw_greedy_output_runs_on_and_the_stop_strings_cut_it(generators):
         assert stopped[index].num_tokens < raw[index].num_tokens
 
 
-def test_batch_mode_stops_cleanly_and_records_the_gguf(generators, smollm2, smollm2_adapter, tmp_path):
-    main = generators[0]
+def test_batch_mode_stops_cleanly_and_records_the_gguf(
+    smollm2_generators, smollm2, smollm2_adapter, tmp_path
+):
+    main = smollm2_generators[0]
     input_file = tmp_path / "in.json"
     input_file.write_text(json.dumps([{"instruction": prompt} for prompt in PROMPTS]))
     output_file = tmp_path / "out.json"
@@ -88,8 +90,8 @@ def test_batch_mode_stops_cleanly_and_records_the_gguf(generators, smollm2, smol
     assert config["stop_strings"][:3] == list(MARKERS)
 
 
-def test_streaming_stops_at_the_marker(generators):
-    base = generators[1]
+def test_streaming_stops_at_the_marker(smollm2_generators):
+    base = smollm2_generators[1]
     pieces = list(base.stream(PROMPTS[0], None, GREEDY))
     assert pieces[-1] == base.generate(PROMPTS[0], None, GREEDY)
     assert all(later.startswith(earlier) for earlier, later in zip(pieces, pieces[1:]))

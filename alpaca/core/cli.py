@@ -4,14 +4,22 @@ and `--config=FILE` (YAML or JSON) on every script.
 A config file is a mapping of flag names to values, e.g. `configs/alpaca_lora.yaml`. Its values are
 handed to fire as if typed on the command line, except for flags the command line gives itself: those
 win. A key the script does not take is an error naming the file, the key and the closest flags.
+
+fire turns only `True`/`False` into booleans and leaves `--overwrite=false` a (true) string, so every
+value is converted to its flag's declared type before the script's function runs (`typed_flags`):
+booleans take `true/false/yes/no/1/0` in any case, numbers take numeric text, and a value that fits no
+declared type is one error naming the flag.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import json
 import sys
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,10 +45,134 @@ def run(
     try:
         command = sys.argv[1:] if argv is None else list(argv)
         command = apply_config_file(command, component, known_keys, read_config)
-        fire.Fire(component, command=command, **fire_kwargs)
+        fire.Fire(typed_component(component), command=command, **fire_kwargs)
     except ValueError as err:
         print(f"{script}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+TRUE_WORDS = ("true", "yes", "1")
+FALSE_WORDS = ("false", "no", "0")
+
+
+def typed_component(component):
+    """`component` (a function, or a dict of command name -> function) with every flag converted to
+    its declared type before the function runs."""
+    if isinstance(component, dict):
+        return {name: typed_flags(function) for name, function in component.items()}
+    return typed_flags(component)
+
+
+def typed_flags(function):
+    """A wrapper of `function` that converts each argument fire hands it to the parameter's annotation
+    (`convert_flag`) and raises one ValueError naming every flag that fits no declared type. fire reads
+    the signature and docstring through `functools.wraps`, so `--help` is unchanged."""
+    signature = inspect.signature(function)
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # an annotation that cannot be evaluated: leave those values as fire gives them
+        hints = {}
+
+    @functools.wraps(function)
+    def entry(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        problems = []
+        for name, value in bound.arguments.items():
+            parameter = signature.parameters[name]
+            if name not in hints or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            try:
+                bound.arguments[name] = convert_flag(name, value, hints[name])
+            except ValueError as err:
+                problems.append(str(err))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return function(*bound.args, **bound.kwargs)
+
+    return entry
+
+
+def parse_bool(name: str, value) -> bool:
+    """`value` as a boolean flag: True/False, 1/0, or the words true/false/yes/no/1/0 in any case."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise ValueError(f"--{name} must be {TYPE_WORDS[bool]}, not {value!r}")
+
+
+def convert_flag(name: str, value, hint):
+    """`value` (as fire or a config file gives it) converted to the declared type `hint`.
+
+    Handles the types the scripts declare: bool, int, float, str, list[str] and unions of them with
+    None. A value already of a declared type is kept; otherwise booleans come first (so `false` means
+    False where a flag also takes a path), then numbers from numeric text, then text from numbers (fire
+    reads `--run_name=2024` as an int) or from fire's tuple for `--flag=a,b`. Any other annotation is
+    left alone.
+    """
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if type(None) in members and (value is None or (value == "" and str not in members)):
+        return None
+    known = {bool, int, float, str, list}
+    kinds = [typing.get_origin(m) or m for m in members if m is not type(None)]
+    if not kinds or any(kind not in known for kind in kinds):
+        return value
+    if bool in kinds:
+        try:
+            return parse_bool(name, value)
+        except ValueError:
+            if kinds == [bool]:
+                raise
+    if type(value) in kinds and not isinstance(value, list):
+        return value
+    for kind in (int, float):
+        if kind in kinds and not isinstance(value, bool):
+            number = as_number(value, kind)
+            if number is not None:
+                return number
+    is_list_of_text = isinstance(value, list | tuple) and all(
+        isinstance(item, str | int | float) and not isinstance(item, bool) for item in value
+    )
+    if list in kinds and is_list_of_text and value:
+        return value if all(isinstance(item, str) for item in value) else [str(item) for item in value]
+    if str in kinds and list not in kinds:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        if is_list_of_text:
+            return ",".join(str(item) for item in value)
+    return fail_type(name, value, kinds)
+
+
+def as_number(value, kind):
+    """`value` as an int or float when it is one (integral floats count as ints), else None."""
+    if isinstance(value, str):
+        try:
+            value = float(value) if kind is float else int(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if kind is int and (value != value or value != int(value)):
+            return None
+        return kind(value)
+    return None
+
+
+TYPE_WORDS = {
+    bool: "true or false (also yes/no, 1/0)",
+    int: "a whole number",
+    float: "a number",
+    str: "text",
+    list: "a list such as [a,b]",
+}
+
+
+def fail_type(name: str, value, kinds: list) -> typing.NoReturn:
+    wanted = " or ".join(TYPE_WORDS[kind] for kind in kinds)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ValueError(f"--{name} needs a value ({wanted}), e.g. --{name}=VALUE")
+    raise ValueError(f"--{name} must be {wanted}, not {value!r}")
 
 
 def load_config_file(path: str) -> dict:

@@ -96,3 +96,17 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def close_process_group() -> None:
+    """Wait for every rank, then shut the process group down before the interpreter exits.
+
+    Left open, gloo's threads are torn down during interpreter shutdown, and a rank sometimes aborted
+    there ("terminate called without an active exception", exit -6) after a complete, saved run, so
+    torchrun reported a failure.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

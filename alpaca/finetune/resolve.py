@@ -14,6 +14,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from alpaca.core.cli import parse_bool
 from alpaca.core.log import log
 from alpaca.finetune.settings import (
     DEFAULT_SOURCES,
@@ -104,6 +105,30 @@ def check_pass_through_names(extra: dict) -> None:
                 for key in unknown
             )
         )
+
+
+def typed_pass_through(extra: dict) -> dict:
+    """The pass-through TrainingArguments flags converted to their fields' declared types, so that
+    `--bf16=false` or `tf32: "no"` in a config file means False (fire leaves such words strings, and
+    TrainingArguments takes any non-empty string for true). Raises one error naming every flag whose
+    value fits no declared type."""
+    import typing
+
+    from transformers import TrainingArguments
+
+    from alpaca.core.cli import convert_flag
+
+    hints = typing.get_type_hints(TrainingArguments)
+    out, problems = {}, []
+    for key, value in extra.items():
+        hint = hints.get(LEGACY_TRAINING_ARGS.get(key, key))
+        try:
+            out[key] = value if hint is None else convert_flag(key, value, hint)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
 
 
 def parse_target_modules(value) -> list[str] | str:
@@ -338,7 +363,14 @@ def typed_value(spec: dataclasses.Field, flags: dict):
     value = flags.get(spec.name, spec.default)
     if value is None or (value == "" and optional):
         return None if optional else spec.default
-    convert = {"int": int, "float": float, "bool": bool, "str": str}.get(kinds[0])
+    if "bool" in kinds:
+        try:
+            return parse_bool(spec.name, value)
+        except ValueError:
+            if kinds != ["bool"]:
+                return str(value)
+            raise
+    convert = {"int": int, "float": float, "str": str}.get(kinds[0])
     return convert(value) if convert else value
 
 
@@ -350,6 +382,7 @@ def resolve_config(flags: dict, extra: dict) -> FinetuneConfig:
     """
     flags, extra, sources = dict(flags), dict(extra), {}
     check_pass_through_names(extra)
+    extra = typed_pass_through(extra)
     problems = apply_aliases(flags, extra, sources)
     extra, notes = map_training_args(extra)
     problems += apply_trainer_names(flags, extra, sources)

@@ -21,7 +21,7 @@ from pathlib import Path
 from alpaca.core.files import write_json_atomic
 from alpaca.core.log import is_main_process, log
 from alpaca.finetune.checkpoints import load_adapter_weights, plan_resume, prepare_output_dir, run_identity
-from alpaca.finetune.distributed import configure_fsdp
+from alpaca.finetune.distributed import close_process_group, configure_fsdp
 from alpaca.finetune.model import prepare_tokenizer_and_model, training_precision
 from alpaca.finetune.report import (
     final_metrics,
@@ -108,4 +108,5 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
     log(
         f"saved to {config.output_dir}: {'LoRA adapter' if config.use_lora else 'model'}, tokenizer, loss.png"
     )
+    close_process_group()
     return metrics

@@ -115,9 +115,9 @@ class FinetuneConfig:
     wandb_run_name: str = setting("", "wandb run name.")
     wandb_watch: str = setting("", "wandb gradient watching: false, gradients or all.")
     wandb_log_model: str = setting("", "upload checkpoints to wandb: false, checkpoint or end.")
-    resume_from_checkpoint: str | None = setting(
+    resume_from_checkpoint: str | bool | None = setting(
         None,
-        "a complete Trainer checkpoint folder (restores optimizer, scheduler and step), `latest` (the "
+        "a complete Trainer checkpoint folder (restores optimizer, scheduler and step), `latest` or true (the "
         "newest complete checkpoint-N in output_dir; half-written ones are skipped), or a final adapter "
         "folder (weights only; the schedule restarts). A checkpoint must come from the same run (data, "
         "model, settings in run_config.json).",

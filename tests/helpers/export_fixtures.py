@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.optional import skip_or_fail
+
 CONVERT_HF = "convert_hf_to_gguf.py"
 CONVERT_LEGACY = "examples/convert_legacy_llama.py"
 FETCH_COMMAND = "scripts/fetch_llama_cpp_converters.sh"
@@ -36,9 +38,7 @@ def require_converters() -> Path:
             f"llama.cpp converters not found in {root} (missing {missing}); run "
             f"`PYTHON=.venv/bin/python {FETCH_COMMAND}` or set LLAMA_CPP_SRC"
         )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
     return root
 
 
