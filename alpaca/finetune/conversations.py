@@ -15,7 +15,9 @@ its own instead, so the mask never covers part of a token (the same fallback as 
 from __future__ import annotations
 
 from alpaca.core.chat import alternation_break, encode_rendered, end_of_turn_ids, render
-from alpaca.finetune.data import IGNORE_INDEX
+
+# the label of a token the loss skips (PyTorch's cross-entropy default); alpaca.finetune.data shares it
+IGNORE_INDEX = -100
 
 
 def turn_edges(messages: list[dict], template: str, tokenizer) -> tuple[str, list[tuple[int, int]]]:

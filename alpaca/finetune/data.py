@@ -18,8 +18,8 @@ from pathlib import Path
 
 from alpaca.core.chat import alpaca_record_messages, conversation_messages, is_conversation
 from alpaca.core.files import read_json_records
+from alpaca.finetune.conversations import IGNORE_INDEX, tokenize_conversation
 
-IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("instruction", "output")
 
 
@@ -138,8 +138,6 @@ def tokenize_record(
     chat_template: str | None = None,
 ) -> dict:
     """One record, Alpaca or conversation, tokenized in the run's format."""
-    from alpaca.finetune.conversations import tokenize_conversation
-
     if not is_conversation(record) and chat_template is None:
         return tokenize_example(record, tokenizer, prompter, cutoff_len, train_on_inputs)
     if chat_template is None:
