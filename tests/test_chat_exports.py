@@ -153,3 +153,22 @@ def test_smollm2_alpaca_adapter_export_no_longer_carries_chatml(smollm2, smollm2
     assert_renders_training_ids(
         kv["tokenizer.chat_template"], tokenizer, recorded.kind, recorded.prompt_template
     )
+
+
+def test_evaluate_loss_scores_conversations_on_assistant_tokens_in_the_trained_format(
+    tiny_llama, chat_adapter
+):
+    from alpaca.evaluation.loss import held_out_loss
+
+    report = held_out_loss(tiny_llama, chat_adapter, str(CHAT_SAMPLE), cutoff_len=256)
+    tokenizer = load_plain_tokenizer(chat_adapter)
+    template = read_training_format(chat_adapter).chat_template
+    examples = [
+        tokenize_conversation(conversation_messages(r, i, "s"), tokenizer, template, 256, False)
+        for i, r in enumerate(load_records(str(CHAT_SAMPLE)))
+    ]
+    kept = [e for e in examples if e["status"] != "skipped"]
+    # every assistant token (and end-of-turn token) is scored, nothing else
+    assert report.examples == len(kept) and report.skipped == len(examples) - len(kept)
+    assert report.tokens == sum(sum(t != -100 for t in e["labels"][1:]) for e in kept)
+    assert 0 < report.loss < 20
