@@ -44,6 +44,7 @@ def train(
     wandb_log_model: str = "",
     resume_from_checkpoint: str | bool | None = None,
     prompt_template_name: str | None = None,
+    chat_template: str = "",
     # beyond upstream
     use_lora: bool = True,
     load_in_8bit: bool = False,

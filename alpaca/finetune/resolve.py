@@ -62,6 +62,8 @@ REPORT_KEYS = frozenset(
         "base_model_resolved",
         "data_sha256",
         "precision_resolved",
+        "training_format",
+        "chat_template_text",
     }
 )
 

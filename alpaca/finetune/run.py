@@ -38,6 +38,7 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
 
     `trainer_class` replaces transformers' Trainer (tests pass a CPU FSDP shim; users never need to).
     """
+    from alpaca.core.chat import is_conversation, save_training_format, training_format
     from alpaca.core.prompter import Prompter
     from alpaca.finetune.data import build_datasets, load_records
     from alpaca.modeling import resolve_base_model
@@ -59,6 +60,9 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
     set_seed(config.seed)
     configure_fsdp(config)
     tokenizer, model = prepare_tokenizer_and_model(config, dtype)
+    trained_format = training_format(
+        config.chat_template, prompter.template_name, tokenizer, any(map(is_conversation, records))
+    )
     train_set, val_set, report = build_datasets(
         records,
         tokenizer,
@@ -68,6 +72,7 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
         config.val_set_size,
         config.seed,
         source=config.data_path,
+        chat_template=trained_format.chat_template if trained_format.is_chat else None,
     )
     report_run(
         config,
@@ -79,6 +84,8 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
             "base_model_resolved": identity["base_model_resolved"],
             "data_sha256": identity["data_sha256"],
             "precision_resolved": precision,
+            "training_format": trained_format.kind,
+            "chat_template_text": trained_format.chat_template,
         },
     )
     if plan.adapter_weights:
@@ -91,7 +98,10 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
     args = build_training_arguments(config, precision, has_eval=bool(val_set))
     trainer = build_trainer(model, tokenizer, config, train_set, val_set, args, trainer_class)
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+    tokenizer.chat_template = trained_format.chat_template  # saved with the tokenizer: the format travels
     save_outputs(trainer, tokenizer, config)
+    if is_main_process():
+        save_training_format(config.output_dir, trained_format)
     metrics = final_metrics(trainer, result, len(train_set))
     if is_main_process():
         write_json_atomic(Path(config.output_dir) / "train_metrics.json", metrics)

@@ -130,6 +130,14 @@ class FinetuneConfig:
         lora="alpaca",
         full="alpaca_legacy",
     )
+    chat_template: str = setting(
+        "",
+        "the chat format to train in: empty (Alpaca records in --prompt_template_name; conversation records, "
+        "OpenAI `messages` or ShareGPT `conversations`, in the tokenizer's own template), tokenizer (the "
+        "tokenizer's chat template, for Alpaca records too), chatml (shipped, for bases without one) or a "
+        "Jinja file. Only assistant turns are trained (content and end-of-turn token) unless "
+        "--train_on_inputs. The adapter records the format; generate.py and the exports use it.",
+    )
     # beyond upstream
     use_lora: bool = setting(True, "train LoRA adapters (True) or every weight (False, Stanford's recipe).")
     load_in_8bit: bool = setting(False, "load the frozen base in 8-bit (bitsandbytes), LoRA only.")
