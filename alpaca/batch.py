@@ -13,6 +13,7 @@ from pathlib import Path
 from alpaca.decoding import DecodingSettings
 from alpaca.files import read_json_values, write_json_atomic
 from alpaca.generation import ResponseGenerator
+from alpaca.locks import locks_output
 
 
 def read_instructions(input_file: str) -> list[dict]:
@@ -102,6 +103,7 @@ def read_finished(output_file: str, records: list[dict]) -> list[dict]:
     return finished
 
 
+@locks_output("--output_file", lambda arguments: arguments["output_file"])
 def run_batch(
     generator: ResponseGenerator,
     input_file: str,

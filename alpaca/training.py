@@ -16,6 +16,7 @@ The names below are re-exported so `from alpaca.training import resolve_config` 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 from alpaca.checkpoints import (
@@ -38,6 +39,7 @@ from alpaca.finetune_report import (
 )
 from alpaca.finetune_settings import FinetuneConfig, gradient_accumulation, resolve_config
 from alpaca.finetune_trainer import build_trainer, build_training_arguments, setup_wandb
+from alpaca.locks import output_lock
 
 __all__ = [
     "FinetuneConfig",
@@ -58,11 +60,18 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
 
     `trainer_class` replaces transformers' Trainer (tests pass a CPU FSDP shim; users never need to).
     """
+    config = resolve_config(flags, extra)
+    # One run per output folder: rank 0 holds its lock from the resume checks to the last file.
+    with output_lock(config.output_dir, "--output_dir") if is_main_process() else nullcontext():
+        return _finetune_in_output_dir(config, trainer_class)
+
+
+def _finetune_in_output_dir(config: FinetuneConfig, trainer_class) -> dict:
+    """`run_finetune` once the settings are resolved and the output folder is this run's."""
     from alpaca.data import build_datasets, load_records
     from alpaca.modeling import resolve_base_model
     from alpaca.prompter import Prompter
 
-    config = resolve_config(flags, extra)
     prompter = Prompter(config.prompt_template_name)
     records = load_records(config.data_path)
     plan = plan_resume(config)

@@ -26,6 +26,7 @@ from alpaca.evaluation.judge import (
 from alpaca.evaluation.outputs import Matching, Pair, load_outputs, match_outputs
 from alpaca.evaluation.stats import combine_orders, preferred_side, summarize
 from alpaca.files import write_json_atomic
+from alpaca.locks import locks_output
 from alpaca.selfinstruct.cost import CostMeter, resolve_prices
 
 ORDERS = ("reference_first", "model_first")
@@ -348,6 +349,11 @@ def load_matching(config: PairwiseConfig) -> Matching:
     return matching
 
 
+@locks_output(
+    "--output_dir",
+    lambda arguments: arguments["config"].output_dir,
+    settings_ok=lambda arguments: not arguments["config"].problems(),
+)
 def run_pairwise(config: PairwiseConfig) -> dict:
     """Judge, write annotations.json and results.json, and return the results.
 

@@ -23,6 +23,7 @@ from alpaca.export.core import (
     unpermute_rotary,
     vocabulary_kind,
 )
+from alpaca.locks import locks_output
 from alpaca.modeling import load_plain_tokenizer, prepare_output_path, staged_output
 
 GGUF_OUTTYPES = ("f16", "f32")
@@ -319,6 +320,9 @@ def default_gguf_path(outtype: str) -> str:
     return f"./alpaca-lora-{outtype}.gguf"
 
 
+@locks_output(
+    "--output_file", lambda arguments: arguments["output_file"] or default_gguf_path(arguments["outtype"])
+)
 def export_gguf(
     base_model: str,
     lora_weights: str,

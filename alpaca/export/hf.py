@@ -17,6 +17,7 @@ from alpaca.export.core import (
     resolve_export_inputs,
     write_export_info,
 )
+from alpaca.locks import locks_output
 from alpaca.modeling import load_base_model, prepare_output_path, resolve_dtype, staged_output
 
 
@@ -29,6 +30,7 @@ def save_hf_folder(merged: MergedModel, output_dir: Path, max_shard_size: str) -
         merged.model.generation_config.save_pretrained(output_dir)
 
 
+@locks_output("--output_dir", lambda arguments: arguments["output_dir"])
 def export_hf(
     base_model: str,
     lora_weights: str,

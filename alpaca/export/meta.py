@@ -20,6 +20,7 @@ from alpaca.export.core import (
     vocabulary_kind,
     write_export_info,
 )
+from alpaca.locks import locks_output
 from alpaca.modeling import prepare_output_path, staged_output
 
 # HF LLaMA module names -> Meta's (layer-local names after `model.layers.N.` / `layers.N.`).
@@ -149,6 +150,7 @@ def write_added_tokens(tokenizer, output_dir: Path) -> dict:
     return added
 
 
+@locks_output("--output_dir", lambda arguments: arguments["output_dir"])
 def export_meta(
     base_model: str,
     lora_weights: str,

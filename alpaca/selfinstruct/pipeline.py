@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from alpaca.locks import output_lock
 from alpaca.selfinstruct.client import APIFailure, CompletionClient, CompletionReply, RetryPolicy
 from alpaca.selfinstruct.cost import CostMeter, resolve_prices
 from alpaca.selfinstruct.journal import Journal, JournalState, add_counts, write_json_atomically
@@ -266,6 +267,14 @@ def generate(config: SelfInstructConfig) -> dict:
             f"{config.num_prompt_instructions} examples per prompt (--num_prompt_instructions)."
         )
     print(f"Loaded {len(seed_examples)} human-written seed instructions")
+    # One run per output folder. The lock is inside it: the default is the working folder, whose parent
+    # may not be writable.
+    with output_lock(config.output_dir, "--output_dir", inside=True):
+        return _generate_into_output_dir(config, seed_examples)
+
+
+def _generate_into_output_dir(config: SelfInstructConfig, seed_examples: list[dict]) -> dict:
+    """`generate` once the settings and seed tasks are checked and the output folder is this run's."""
     journal = Journal(config.output_dir)
     previous = journal.load()
     seed = resolve_seed(config.seed, previous)
