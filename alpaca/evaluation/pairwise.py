@@ -27,6 +27,7 @@ from alpaca.evaluation.outputs import Matching, Pair, load_outputs, match_output
 from alpaca.evaluation.stats import combine_orders, preferred_side, summarize
 from alpaca.files import write_json_atomic
 from alpaca.locks import locks_output
+from alpaca.selfinstruct.client import base_url_problem
 from alpaca.selfinstruct.cost import CostMeter, resolve_prices
 
 ORDERS = ("reference_first", "model_first")
@@ -104,6 +105,7 @@ class PairwiseConfig:
                 f"--output_dir={self.output_dir!r}: {existing} is a file, not a folder",
             ),
             (self.api in ("chat", "completions"), f"--api must be 'chat' or 'completions', not {self.api!r}"),
+            (base_url_problem(self.base_url) is None, base_url_problem(self.base_url)),
             (bool(self.judge_model), "--judge_model must name a model"),
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "--max_tokens must be at least 1"),
             (0.0 <= self.temperature <= 2.0, "--temperature must be between 0 and 2"),

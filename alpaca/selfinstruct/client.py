@@ -76,6 +76,24 @@ def _warn(message: str) -> None:
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
+def base_url_problem(base_url: str | None, flag: str = "--base_url") -> str | None:
+    """Why `base_url` cannot be a server's address (checked up front: a malformed one would otherwise
+    be retried --max_retries times like a server that is down), or None."""
+    from urllib.parse import urlsplit
+
+    if base_url is None:
+        return None
+    example = "e.g. http://127.0.0.1:8000/v1"
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number from 0 to 65535)
+    except ValueError as err:
+        return f"{flag}={base_url!r} is not a valid URL ({err}): give the server's address, {example}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{flag}={base_url!r} is not an http:// or https:// URL with a host: give the server's address, {example}"
+    return None
+
+
 def resolve_api_key(base_url: str | None) -> str:
     """The key comes from OPENAI_API_KEY only; local servers get a placeholder when it is unset."""
     key = os.environ.get("OPENAI_API_KEY")

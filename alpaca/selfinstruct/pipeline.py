@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alpaca.locks import output_lock
-from alpaca.selfinstruct.client import APIFailure, CompletionClient, CompletionReply, RetryPolicy
+from alpaca.selfinstruct.client import (
+    APIFailure,
+    CompletionClient,
+    CompletionReply,
+    RetryPolicy,
+    base_url_problem,
+)
 from alpaca.selfinstruct.cost import CostMeter, resolve_prices
 from alpaca.selfinstruct.journal import Journal, JournalState, add_counts, write_json_atomically
 from alpaca.selfinstruct.parsing import parse_reply
@@ -164,6 +170,7 @@ class SelfInstructConfig:
                 "--max_requests_without_new must be 0 (no limit) or more",
             ),
             output_dir_check(self.output_dir),
+            (base_url_problem(self.base_url) is None, base_url_problem(self.base_url)),
             (
                 self.rouge_tokenizer in TOKENIZERS,
                 f"--rouge_tokenizer must be one of {', '.join(TOKENIZERS)}, not {self.rouge_tokenizer!r}",
