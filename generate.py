@@ -140,7 +140,10 @@ def main(
         # Bound before the load: a busy port fails now, and clients get 503 while the model loads.
         api_server = start_api(server_name, server_port, api_key, limits)
     elif batch_mode:
+        from alpaca.core.locks import check_output_free
+
         check_output_file(output_file)
+        check_output_free(output_file, "--output_file")  # run_batch holds the lock while it writes
         read_finished(output_file, read_instructions(input_file))
     else:
         from alpaca.inference.page import (

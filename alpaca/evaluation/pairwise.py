@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alpaca.core.files import write_json_atomic
+from alpaca.core.locks import locks_output
 from alpaca.evaluation.journal import JudgeJournal, judgment_hash
 from alpaca.evaluation.judge import (
     COMPLETIONS_STOP,
@@ -333,6 +334,11 @@ def load_matching(config: PairwiseConfig) -> Matching:
     return matching
 
 
+@locks_output(
+    "--output_dir",
+    lambda arguments: arguments["config"].output_dir,
+    settings_ok=lambda arguments: not arguments["config"].problems(),
+)
 def run_pairwise(config: PairwiseConfig) -> dict:
     """Judge, write annotations.json and results.json, and return the results.
 
