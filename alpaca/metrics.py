@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from alpaca.finetune.data import IGNORE_INDEX, tokenize_example
+from alpaca.finetune.data import IGNORE_INDEX, tokenize_record
 
 
 @dataclass
@@ -23,16 +23,26 @@ class LossReport:
 
 
 def response_loss(
-    model, tokenizer, records: list[dict], prompter, cutoff_len: int = 256, batch_size: int = 8
+    model,
+    tokenizer,
+    records: list[dict],
+    prompter,
+    cutoff_len: int = 256,
+    batch_size: int = 8,
+    chat_template: str | None = None,
 ):
-    """Token-weighted loss of `model` on the output (+ EOS) of each record in the prompt template.
+    """Token-weighted loss of `model` on the output (+ EOS) of each record in the prompt template, or
+    on every assistant turn (+ its end-of-turn token) in `chat_template`.
 
     The prompt is masked exactly as `train_on_inputs=False` training masks it, so the number is the
     held-out counterpart of a training loss; records whose prompt fills `cutoff_len` are skipped.
     """
     import torch
 
-    examples = [tokenize_example(r, tokenizer, prompter, cutoff_len, train_on_inputs=False) for r in records]
+    examples = [
+        tokenize_record(r, i, tokenizer, prompter, cutoff_len, False, "data", chat_template)
+        for i, r in enumerate(records)
+    ]
     kept = [e for e in examples if e["status"] != "skipped"]
     total_nll, total_tokens = 0.0, 0
     model.eval()

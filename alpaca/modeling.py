@@ -319,6 +319,19 @@ def empty_model(path: str, flag: str = "--base_model", trust_remote_code: bool =
         raise ValueError(f"{flag}={path!r}: not a causal LM this transformers knows ({err})") from err
 
 
+def adapter_tokenizer_dir(base_model: str, lora_weights: str) -> str:
+    """The adapter folder when it carries a tokenizer (training may add tokens, and records its chat
+    template there), else the base model."""
+    adapter = Path(lora_weights).expanduser() if lora_weights else None
+    if (
+        adapter
+        and adapter.is_dir()
+        and any((adapter / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+    ):
+        return str(adapter)
+    return base_model
+
+
 def load_plain_tokenizer(path: str):
     """The tokenizer exactly as saved: no pad-token fix-ups (exports and weight diffs need the vocabulary
     that matches the weights, where `load_tokenizer` may add a token)."""

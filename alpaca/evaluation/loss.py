@@ -15,10 +15,22 @@ def held_out_loss(
     cutoff_len: int = 256,
     batch_size: int = 8,
 ) -> LossReport:
-    """Load the model, tokenizer and adapter, then score `data_path` as training would (prompt masked)."""
+    """Load the model, tokenizer and adapter, then score `data_path` as training would (prompt masked).
+
+    The format is the adapter's (its `training_format.json`): a chat-trained adapter is scored in its
+    chat template, on Alpaca records as well as conversations. Without one, conversations are scored in
+    the tokenizer's own chat template and Alpaca records in `prompt_template_name`."""
     import torch
 
-    from alpaca.modeling import load_adapter, load_base_model, load_tokenizer, resolve_base_model
+    from alpaca.core.chat import is_conversation, read_training_format, resolve_chat_template
+    from alpaca.modeling import (
+        adapter_tokenizer_dir,
+        load_adapter,
+        load_base_model,
+        load_tokenizer,
+        resize_embeddings_for_new_tokens,
+        resolve_base_model,
+    )
 
     if cutoff_len < 2:
         raise ValueError("--cutoff_len must be at least 2 tokens")
@@ -33,7 +45,20 @@ def held_out_loss(
         raise ValueError(f"--data_path={data_path!r} holds no records")
     folder, _ = resolve_base_model(base_model, "--base_model")
     model = load_base_model(folder, dtype=torch.float32)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(adapter_tokenizer_dir(folder, lora_weights))
+    resize_embeddings_for_new_tokens(model, tokenizer)  # rows a chat format added in training
     if lora_weights:
         model = load_adapter(model, lora_weights)
-    return response_loss(model, tokenizer, records, prompter, cutoff_len=cutoff_len, batch_size=batch_size)
+    trained = read_training_format(lora_weights) if lora_weights else None
+    chat_template = trained.chat_template if trained is not None and trained.is_chat else None
+    if chat_template is None and any(map(is_conversation, records)):
+        chat_template = resolve_chat_template("tokenizer", tokenizer, "conversations in --data_path")
+    return response_loss(
+        model,
+        tokenizer,
+        records,
+        prompter,
+        cutoff_len=cutoff_len,
+        batch_size=batch_size,
+        chat_template=chat_template,
+    )

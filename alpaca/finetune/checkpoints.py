@@ -54,6 +54,7 @@ RUN_IDENTITY_KEYS = (
     "cutoff_len",
     "train_on_inputs",
     "prompt_template_name",
+    "chat_template",
     "val_set_size",
     "seed",
     "batch_size",

@@ -1,9 +1,13 @@
 """Instruction data: load and validate records, tokenize with label masks, collate (packing lives in
 `alpaca.finetune.packing`).
 
-The label rule, computed on token ids: the training sequence is the prompt's tokens, then the output's
+Two kinds of records: Alpaca records (`instruction`, `input`, `output`) and conversations (OpenAI
+`messages` or ShareGPT `conversations`; see `alpaca.core.chat`). The label rule for Alpaca records in a
+prompt template, computed on token ids: the training sequence is the prompt's tokens, then the output's
 tokens, then EOS. With `train_on_inputs=False` exactly the prompt's tokens are masked with
-IGNORE_INDEX, so the unmasked labels are the output plus EOS for every template.
+IGNORE_INDEX, so the unmasked labels are the output plus EOS for every template. Conversations (and
+Alpaca records given a chat template) follow `alpaca.finetune.conversations`: each assistant turn's
+content and end-of-turn token.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from alpaca.core.chat import alpaca_record_messages, conversation_messages, is_conversation
 from alpaca.core.files import read_json_records
+from alpaca.finetune.conversations import IGNORE_INDEX, tokenize_conversation
 
-IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("instruction", "output")
 
 
@@ -58,13 +63,16 @@ def validate_records(records: list, source: str) -> None:
 
     `instruction` and `output` must be strings (`output` may be empty); `input` may be absent or null.
     A null `output` is an error rather than an empty answer: training on it would teach the model to
-    answer nothing.
+    answer nothing. A conversation is checked turn by turn (`alpaca.core.chat.conversation_messages`).
     """
     if not records:
         raise ValueError(f"{source!r} holds no records")
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise ValueError(f"{source!r} record {index} is a {type(record).__name__}, not an object")
+        if is_conversation(record):
+            conversation_messages(record, index, source)
+            continue
         for key in REQUIRED_FIELDS:
             if key not in record:
                 raise ValueError(f"{source!r} record {index} has no {key!r} field (fields: {sorted(record)})")
@@ -119,6 +127,29 @@ def tokenize_example(record: dict, tokenizer, prompter, cutoff_len: int, train_o
     }
 
 
+def tokenize_record(
+    record: dict,
+    index: int,
+    tokenizer,
+    prompter,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    source: str = "",
+    chat_template: str | None = None,
+) -> dict:
+    """One record, Alpaca or conversation, tokenized in the run's format."""
+    if not is_conversation(record) and chat_template is None:
+        return tokenize_example(record, tokenizer, prompter, cutoff_len, train_on_inputs)
+    if chat_template is None:
+        raise ValueError(f"{source!r} record {index} is a conversation: give --chat_template")
+    if is_conversation(record):
+        messages = conversation_messages(record, index, source)
+    else:
+        messages = alpaca_record_messages(record)
+    where = f"{source!r} record {index}"
+    return tokenize_conversation(messages, tokenizer, chat_template, cutoff_len, train_on_inputs, where)
+
+
 @dataclass
 class DataReport:
     """What the pipeline did to the records: printed before training and saved as JSON."""
@@ -128,6 +159,8 @@ class DataReport:
     kept: int = 0
     skipped: int = 0
     truncated: int = 0
+    conversations: int = 0
+    turns: int = 0
     skipped_indices: list = field(default_factory=list)
     train_examples: int = 0
     val_examples: int = 0
@@ -142,10 +175,11 @@ class DataReport:
     def summary(self) -> str:
         p = self.length_percentiles
         lengths = ", ".join(f"{k} {v}" for k, v in p.items())
+        chats = f" ({self.conversations} conversations, {self.turns} turns)" if self.conversations else ""
         return (
-            f"data {self.source}: {self.records} records, {self.kept} kept, {self.skipped} skipped "
+            f"data {self.source}: {self.records} records{chats}, {self.kept} kept, {self.skipped} skipped "
             f"(prompt alone fills cutoff_len), {self.truncated} truncated; train {self.train_examples}, "
-            f"val {self.val_examples}; tokens per example: {lengths}"
+            f"val {self.val_examples}, {self.trained_tokens} trained tokens; tokens per example: {lengths}"
         )
 
 
@@ -168,15 +202,23 @@ def build_datasets(
     val_set_size: int,
     seed: int,
     source: str = "",
+    chat_template: str | None = None,
 ):
     """Tokenize every record, drop the skipped ones, split off a validation set.
 
+    `chat_template` (Jinja source) formats conversations, and Alpaca records too when given; without
+    it Alpaca records use `prompter` and a conversation is an error.
     Returns `(train_examples, val_examples, report)`; examples are dicts of token id lists.
     """
     report = DataReport(source=source, records=len(records))
     examples = []
     for index, record in enumerate(records):
-        example = tokenize_example(record, tokenizer, prompter, cutoff_len, train_on_inputs)
+        example = tokenize_record(
+            record, index, tokenizer, prompter, cutoff_len, train_on_inputs, source, chat_template
+        )
+        if "turns" in example:
+            report.conversations += is_conversation(record)
+            report.turns += example["turns"]
         if example["status"] == "skipped":
             report.skipped += 1
             report.skipped_indices.append(index)

@@ -63,8 +63,12 @@ def training_precision(config: FinetuneConfig) -> tuple[str, object]:
     return wanted, dtype
 
 
-def add_lora(model, config: FinetuneConfig):
-    """Wrap the model with LoRA adapters (after k-bit preparation for quantized bases)."""
+def add_lora(model, config: FinetuneConfig, new_token_ids: list[int] | None = None):
+    """Wrap the model with LoRA adapters (after k-bit preparation for quantized bases).
+
+    `new_token_ids` (tokens added for the chat format) get trainable embedding rows, input and output
+    (peft's trainable tokens; a tied output follows the input), so the model can learn to read and
+    write them; the rest of the embeddings stays frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from alpaca.modeling import check_target_modules
@@ -81,8 +85,21 @@ def add_lora(model, config: FinetuneConfig):
         lora_dropout=config.lora_dropout,
         bias="none",
         task_type="CAUSAL_LM",
+        trainable_token_indices=new_token_indices(model, new_token_ids) if new_token_ids else None,
     )
     return get_peft_model(model, lora_config)
+
+
+def new_token_indices(model, ids: list[int]) -> dict[str, list[int]]:
+    """peft's `trainable_token_indices` for new tokens: the input embedding, and the output layer too
+    when it is not tied to it."""
+    names = {module: name for name, module in model.named_modules()}
+    indices = {names[model.get_input_embeddings()].rsplit(".", 1)[-1]: list(ids)}
+    output = model.get_output_embeddings()
+    tied = output is None or output.weight is model.get_input_embeddings().weight
+    if not tied:
+        indices[names[output].rsplit(".", 1)[-1]] = list(ids)
+    return indices
 
 
 def prepare_tokenizer_and_model(config: FinetuneConfig, dtype):
@@ -111,7 +128,13 @@ def prepare_tokenizer_and_model(config: FinetuneConfig, dtype):
         device_map=device_map,
         trust_remote_code=config.trust_remote_code,
     )
+    from alpaca.core.chat import chat_special_tokens
+
     add_missing_special_tokens(tokenizer)
+    chat_tokens = chat_special_tokens(config.chat_template, tokenizer)
+    if chat_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": chat_tokens})
+        log(f"added the chat format's tokens {chat_tokens} (new embedding rows, trained)")
     resize_embeddings_for_new_tokens(model, tokenizer)  # no-op unless the tokenizer outgrew the embeddings
     model.config.pad_token_id = tokenizer.pad_token_id
     # Training never reads a KV cache; building one wastes memory (upstream set this too).
@@ -120,5 +143,5 @@ def prepare_tokenizer_and_model(config: FinetuneConfig, dtype):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if config.use_lora:
-        model = add_lora(model, config)
+        model = add_lora(model, config, tokenizer.convert_tokens_to_ids(chat_tokens))
     return tokenizer, model

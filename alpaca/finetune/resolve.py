@@ -62,6 +62,8 @@ REPORT_KEYS = frozenset(
         "base_model_resolved",
         "data_sha256",
         "precision_resolved",
+        "training_format",
+        "chat_template_text",
     }
 )
 
@@ -106,7 +108,7 @@ def check_pass_through_names(extra: dict) -> None:
 
 
 def typed_pass_through(extra: dict) -> dict:
-    """The pass-through TrainingArguments flags converted to their fields' declared types, so that
+    """The pass-through TrainingArguments boolean flags converted to booleans, so that
     `--bf16=false` or `tf32: "no"` in a config file means False (fire leaves such words strings, and
     TrainingArguments takes any non-empty string for true). Raises one error naming every flag whose
     value fits no declared type."""
@@ -120,8 +122,13 @@ def typed_pass_through(extra: dict) -> dict:
     out, problems = {}, []
     for key, value in extra.items():
         hint = hints.get(LEGACY_TRAINING_ARGS.get(key, key))
+        # only the boolean fields: the others' declared types are narrower than what transformers
+        # accepts (`fsdp: str | None` also takes True), so their values go through as given
+        if hint is None or bool not in (typing.get_args(hint) or (hint,)):
+            out[key] = value
+            continue
         try:
-            out[key] = value if hint is None else convert_flag(key, value, hint)
+            out[key] = convert_flag(key, value, hint)
         except ValueError as err:
             problems.append(str(err))
     if problems:

@@ -49,6 +49,7 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
 
 def _finetune_in_output_dir(config: FinetuneConfig, trainer_class) -> dict:
     """`run_finetune` once the settings are resolved and the output folder is this run's."""
+    from alpaca.core.chat import is_conversation, save_training_format, training_format
     from alpaca.core.prompter import Prompter
     from alpaca.finetune.data import build_datasets, load_records
     from alpaca.modeling import resolve_base_model
@@ -69,6 +70,9 @@ def _finetune_in_output_dir(config: FinetuneConfig, trainer_class) -> dict:
     set_seed(config.seed)
     configure_fsdp(config)
     tokenizer, model = prepare_tokenizer_and_model(config, dtype)
+    trained_format = training_format(
+        config.chat_template, prompter.template_name, tokenizer, any(map(is_conversation, records))
+    )
     train_set, val_set, report = build_datasets(
         records,
         tokenizer,
@@ -78,6 +82,7 @@ def _finetune_in_output_dir(config: FinetuneConfig, trainer_class) -> dict:
         config.val_set_size,
         config.seed,
         source=config.data_path,
+        chat_template=trained_format.chat_template if trained_format.is_chat else None,
     )
     report_run(
         config,
@@ -89,6 +94,8 @@ def _finetune_in_output_dir(config: FinetuneConfig, trainer_class) -> dict:
             "base_model_resolved": identity["base_model_resolved"],
             "data_sha256": identity["data_sha256"],
             "precision_resolved": precision,
+            "training_format": trained_format.kind,
+            "chat_template_text": trained_format.chat_template,
         },
     )
     if plan.adapter_weights:
@@ -101,7 +108,10 @@ def _finetune_in_output_dir(config: FinetuneConfig, trainer_class) -> dict:
     args = build_training_arguments(config, precision, has_eval=bool(val_set))
     trainer = build_trainer(model, tokenizer, config, train_set, val_set, args, trainer_class)
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+    tokenizer.chat_template = trained_format.chat_template  # saved with the tokenizer: the format travels
     save_outputs(trainer, tokenizer, config)
+    if is_main_process():
+        save_training_format(config.output_dir, trained_format)
     metrics = final_metrics(trainer, result, len(train_set))
     if is_main_process():
         write_json_atomic(Path(config.output_dir) / "train_metrics.json", metrics)

@@ -10,7 +10,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alpaca.core.chat import recorded_format
 from alpaca.modeling import (
+    adapter_tokenizer_dir,
     load_adapter,
     load_base_model,
     load_model_config,
@@ -37,7 +39,6 @@ LOGIT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 6e-2}
 MAX_EFFECT_LOST = 0.1
 DTYPE_CHOICES = ("base", "fp32", "fp16", "bf16")
 TORCH_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -82,14 +83,6 @@ def check_adapter_path(lora_weights: str) -> None:
     if not lora_weights:
         raise ValueError("--lora_weights is required: a LoRA adapter folder or hub id")
     read_adapter_config(lora_weights)
-
-
-def find_tokenizer_dir(base_model: str, lora_weights: str) -> str:
-    """The adapter folder when it carries a tokenizer (training may add tokens), else the base model."""
-    adapter = Path(lora_weights).expanduser()
-    if adapter.is_dir() and any((adapter / name).is_file() for name in TOKENIZER_FILES[1:]):
-        return str(adapter)
-    return base_model
 
 
 def adapted_layer_names(peft_model) -> list[str]:
@@ -204,11 +197,13 @@ def resolve_export_inputs(
     config = load_model_config(folder)
     if llama_only:
         check_llama_shaped(config, llama_only)
-    tokenizer_dir = find_tokenizer_dir(folder, lora_weights)
+    tokenizer_dir = adapter_tokenizer_dir(folder, lora_weights)
     try:
         tokenizer = load_plain_tokenizer(tokenizer_dir)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load the tokenizer of {tokenizer_dir!r}: {err}") from err
+    # the export speaks the format the adapter was trained in, not the base model's chat template
+    tokenizer.chat_template = recorded_format(lora_weights).chat_template
     dtype_name = base_dtype_name(config) if dtype == "base" else dtype
     return ExportInputs(
         base_model, folder, gguf_info, lora_weights, dtype_name, tokenizer_dir, tokenizer, config
