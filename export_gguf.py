@@ -10,41 +10,25 @@ anything is loaded; the file is written beside the target, read back and compare
 the merged weights, and only then moved into place (so a failed --overwrite keeps the old file).
 """
 
+from alpaca.core.settings import flags_from
+from alpaca.weights.settings import ExportGGUFConfig
 
-def main(
-    base_model: str = "",
-    lora_weights: str = "tloen/alpaca-lora-7b",
-    output_file: str = "",
-    outtype: str = "f16",
-    precision: str = "fp32",
-    dtype: str = "",
-    model_name: str = "",
-    overwrite: bool = False,
-):
-    """Export the merged model as GGUF.
 
-    Args:
-        base_model: LLaMA base model folder, hub id or .gguf file; defaults to the BASE_MODEL environment variable.
-        lora_weights: LoRA adapter folder or hub id.
-        output_file: the .gguf file to write; default ./alpaca-lora-{outtype}.gguf.
-        outtype: tensor type in the file: f16 (norms stay f32, as llama.cpp does) or f32.
-        precision: precision to merge in before conversion: fp32 (default), fp16 or bf16.
-        dtype: older name of --precision, kept so that existing export commands run unchanged.
-        model_name: general.name in the file; default derived from the base model's folder name.
-        overwrite: replace an existing output_file (only once the new one has passed its checks).
-    """
+@flags_from(ExportGGUFConfig)
+def main(config: ExportGGUFConfig):
+    """Export the merged model as GGUF."""
     from alpaca.modeling import require_base_model
     from alpaca.weights.export import export_gguf, precision_or_alias
 
-    precision = precision_or_alias(precision, dtype, default="fp32")
+    precision = precision_or_alias(config.precision, config.dtype, default="fp32")
     export_gguf(
-        require_base_model(base_model),
-        lora_weights,
-        output_file or None,
-        outtype,
+        require_base_model(config.base_model),
+        config.lora_weights,
+        config.output_file or None,
+        config.outtype,
         precision,
-        model_name or None,
-        overwrite,
+        config.model_name or None,
+        config.overwrite,
     )
 
 

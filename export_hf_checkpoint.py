@@ -7,34 +7,25 @@ Saves safetensors shards, the tokenizer and the generation config, then reloads 
 its logits to equal the adapter model's (and every adapted layer to have changed); a failure is an error.
 """
 
+from alpaca.core.settings import flags_from
+from alpaca.weights.settings import ExportHFConfig
 
-def main(
-    base_model: str = "",
-    lora_weights: str = "tloen/alpaca-lora-7b",
-    output_dir: str = "./hf_ckpt",
-    max_shard_size: str = "400MB",
-    precision: str = "base",
-    dtype: str = "",
-    overwrite: bool = False,
-):
-    """Export the merged model as a Hugging Face checkpoint.
 
-    Args:
-        base_model: base model folder, hub id or .gguf file; defaults to the BASE_MODEL environment variable (as upstream's scripts).
-        lora_weights: LoRA adapter folder or hub id.
-        output_dir: folder to write; must be empty or absent unless --overwrite.
-        max_shard_size: largest safetensors shard, e.g. "400MB", "5GB".
-        precision: precision to merge and save in: base (default: the base model's own, from its
-            config.json), fp32, fp16 (upstream's) or bf16. The self-check refuses a precision
-            that rounds the adapter's update away.
-        dtype: older name of --precision, kept so that existing export commands run unchanged.
-        overwrite: replace an existing non-empty output_dir (only once the new export has passed its checks).
-    """
+@flags_from(ExportHFConfig)
+def main(config: ExportHFConfig):
+    """Export the merged model as a Hugging Face checkpoint."""
     from alpaca.modeling import require_base_model
     from alpaca.weights.export import export_hf, precision_or_alias
 
-    precision = precision_or_alias(precision, dtype, default="base")
-    export_hf(require_base_model(base_model), lora_weights, output_dir, max_shard_size, precision, overwrite)
+    precision = precision_or_alias(config.precision, config.dtype, default="base")
+    export_hf(
+        require_base_model(config.base_model),
+        config.lora_weights,
+        config.output_dir,
+        config.max_shard_size,
+        precision,
+        config.overwrite,
+    )
 
 
 if __name__ == "__main__":

@@ -10,32 +10,24 @@ models, the `tokenizer.json` files for BPE models (Llama 3, SmolLM): the input o
 reference code. For current llama.cpp prefer export_gguf.py.
 """
 
+from alpaca.core.settings import flags_from
+from alpaca.weights.settings import ExportMetaConfig
 
-def main(
-    base_model: str = "",
-    lora_weights: str = "tloen/alpaca-lora-7b",
-    output_dir: str = "./ckpt",
-    precision: str = "base",
-    dtype: str = "",
-    overwrite: bool = False,
-):
-    """Export the merged model in Meta's consolidated.00.pth layout.
 
-    Args:
-        base_model: LLaMA base model folder, hub id or .gguf file; defaults to the BASE_MODEL environment variable.
-        lora_weights: LoRA adapter folder or hub id.
-        output_dir: folder to write; must be empty or absent unless --overwrite.
-        precision: precision to merge and save in: base (default: the base model's own, from its
-            config.json), fp32, fp16 (upstream's) or bf16. The self-check refuses a precision
-            that rounds the adapter's update away.
-        dtype: older name of --precision, kept so that existing export commands run unchanged.
-        overwrite: replace an existing non-empty output_dir (only once the new export has passed its checks).
-    """
+@flags_from(ExportMetaConfig)
+def main(config: ExportMetaConfig):
+    """Export the merged model in Meta's consolidated.00.pth layout."""
     from alpaca.modeling import require_base_model
     from alpaca.weights.export import export_meta, precision_or_alias
 
-    precision = precision_or_alias(precision, dtype, default="base")
-    export_meta(require_base_model(base_model), lora_weights, output_dir, precision, overwrite)
+    precision = precision_or_alias(config.precision, config.dtype, default="base")
+    export_meta(
+        require_base_model(config.base_model),
+        config.lora_weights,
+        config.output_dir,
+        precision,
+        config.overwrite,
+    )
 
 
 if __name__ == "__main__":

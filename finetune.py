@@ -13,60 +13,12 @@ from __future__ import annotations
 
 import sys
 
-from alpaca.finetune.settings import args_docstring
+from alpaca.core.settings import flag_values, flags_from
+from alpaca.finetune.settings import FinetuneConfig
 
 
-def train(
-    # model / data
-    base_model: str = "",
-    data_path: str = "yahma/alpaca-cleaned",
-    output_dir: str = "./lora-alpaca",
-    # training hyperparams
-    batch_size: int | None = None,
-    micro_batch_size: int | None = None,
-    num_epochs: float | None = None,
-    learning_rate: float | None = None,
-    cutoff_len: int | None = None,
-    val_set_size: int | None = None,
-    # lora hyperparams
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.05,
-    lora_target_modules: list[str] | str = ("q_proj", "v_proj"),
-    # llm hyperparams
-    train_on_inputs: bool | None = None,
-    add_eos_token: bool = False,
-    group_by_length: bool = False,
-    # wandb params
-    wandb_project: str = "",
-    wandb_run_name: str = "",
-    wandb_watch: str = "",
-    wandb_log_model: str = "",
-    resume_from_checkpoint: str | bool | None = None,
-    prompt_template_name: str | None = None,
-    chat_template: str = "",
-    # beyond upstream
-    use_lora: bool = True,
-    load_in_8bit: bool = False,
-    load_in_4bit: bool = False,
-    seed: int = 42,
-    precision: str = "auto",
-    logging_steps: int = 10,
-    eval_steps: int = 200,
-    save_steps: int = 200,
-    save_total_limit: int = 3,
-    warmup_steps: float | None = None,
-    weight_decay: float | None = None,
-    lr_scheduler_type: str | None = None,
-    max_steps: int = -1,
-    packing: bool = False,
-    gradient_checkpointing: bool = False,
-    report_to: str | None = None,
-    trust_remote_code: bool = False,
-    overwrite: bool = False,
-    num_threads: int = 0,
-    **training_args,
-) -> dict:
+@flags_from(FinetuneConfig, extra="training_args")
+def train(flags: FinetuneConfig, **training_args) -> dict:
     """Fine-tune `base_model` on Alpaca-format instruction data.
 
     Any other transformers TrainingArguments flag passes through (--fsdp, --deepspeed, --bf16, --tf32,
@@ -80,12 +32,9 @@ def train(
     from alpaca.core.threads import set_num_threads
     from alpaca.finetune.run import run_finetune
 
-    flags = {k: v for k, v in locals().items() if k != "training_args"}
-    set_num_threads(num_threads, log=log)
-    return run_finetune(flags, training_args)
-
-
-train.__doc__ = train.__doc__.rstrip() + "\n\n" + args_docstring()
+    set_num_threads(flags.num_threads, log=log)
+    # the flags as given (None: the mode decides); run_finetune resolves them into the run's FinetuneConfig
+    return run_finetune(flag_values(flags), training_args)
 
 
 if __name__ == "__main__":

@@ -13,62 +13,29 @@ See docs/generate_instruction.md.
 
 import sys
 
-from alpaca.core.settings import args_docstring
-from alpaca.selfinstruct.settings import DEFAULT_MODEL, SelfInstructConfig
+from alpaca.core.settings import flags_from
+from alpaca.selfinstruct.settings import SelfInstructConfig
 
 
-def generate_instruction_following_data(
-    output_dir: str = "./",
-    seed_tasks_path: str = "./seed_tasks.jsonl",
-    num_instructions_to_generate: int = 100,
-    model_name: str = DEFAULT_MODEL,
-    num_prompt_instructions: int = 3,
-    request_batch_size: int = 5,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    num_cpus: int = 16,
-    api: str = "chat",
-    base_url: str | None = None,
-    max_tokens: int = 3072,
-    max_concurrent_requests: int = 8,
-    max_retries: int = 5,
-    request_timeout: float = 120.0,
-    initial_retry_delay: float = 1.0,
-    seed: int | None = None,
-    max_cost_usd: float | None = None,
-    prompt_price_per_1m: float | None = None,
-    completion_price_per_1m: float | None = None,
-    num_machine_instructions: int = 0,
-    export_alpaca_data: bool = True,
-    save_every_s: float = 10.0,
-    progress: bool = True,
-    max_requests_without_new: int = 50,
-    rouge_tokenizer: str = "rouge_score",
-) -> None:
+@flags_from(SelfInstructConfig)
+def generate_instruction_following_data(config: SelfInstructConfig) -> None:
     """Generate instruction-following data from seed tasks with an OpenAI-compatible model.
 
     Each flag's default and help line live in SelfInstructConfig (alpaca/selfinstruct/settings.py; the
     Args below come from it).
     """
-    settings = dict(locals())
     from alpaca.openai_jobs.client import APIFailure
     from alpaca.selfinstruct.pipeline import GenerationStalled, generate
 
-    config = SelfInstructConfig(**settings)
     try:
         generate(config)
     except GenerationStalled as error:
         raise SystemExit(f"generate_instruction: stopped: {error}.") from None
     except APIFailure as error:
         raise SystemExit(
-            f"generate_instruction: stopped: {error}.\nEverything kept so far is saved in {output_dir} "
+            f"generate_instruction: stopped: {error}.\nEverything kept so far is saved in {config.output_dir} "
             "(regen.json and regen_journal.jsonl); rerun the same command to resume."
         ) from None
-
-
-generate_instruction_following_data.__doc__ = (
-    generate_instruction_following_data.__doc__.rstrip() + "\n\n" + args_docstring(SelfInstructConfig)
-)
 
 
 if __name__ == "__main__":

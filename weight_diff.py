@@ -12,85 +12,49 @@ recovered model against it at any later time. `--path_raw` may also be a `.gguf`
 This script imports neither the training code nor the OpenAI client.
 """
 
-from alpaca.weights.files import DEFAULT_MAX_SHARD_SIZE  # a constant; torch is imported only when run
+from alpaca.core.settings import flags_from
+from alpaca.weights.settings import MakeDiffConfig, RecoverConfig, VerifyConfig  # torch loads only when run
 
 
-def make_diff(
-    path_raw: str,
-    path_tuned: str,
-    path_diff: str,
-    device: str = "cpu",
-    overwrite: bool = False,
-    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
-):
-    """Write the weight diff tuned - raw (fp32) with the tuned tokenizer and per-tensor hashes.
-
-    Args:
-        path_raw: the raw (base) model folder, hub id or .gguf file.
-        path_tuned: the fine-tuned model folder.
-        path_diff: folder to write the diff into; must be empty or absent unless --overwrite.
-        device: where to do the arithmetic (cpu, cuda, ...).
-        overwrite: replace an existing non-empty path_diff (only once the new diff is complete).
-        max_shard_size: largest safetensors file to write (5GB, 500MB, ...); save_pretrained's default.
-    """
+@flags_from(MakeDiffConfig)
+def make_diff(config: MakeDiffConfig):
+    """Write the weight diff tuned - raw (fp32) with the tuned tokenizer and per-tensor hashes."""
     from alpaca.weights.diffs import make_diff as make
 
-    make(path_raw, path_tuned, path_diff, device=device, overwrite=overwrite, max_shard_size=max_shard_size)
-
-
-def recover(
-    path_raw: str,
-    path_diff: str,
-    path_tuned: str = "",
-    device: str = "cpu",
-    test_inference: bool = True,
-    check_integrity_naively: bool = True,
-    overwrite: bool = False,
-    prompt_template: str = "alpaca_legacy",
-    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
-):
-    """Recover the fine-tuned weights as raw + diff and check each tensor against the diff's hashes.
-
-    Args:
-        path_raw: the raw (base) model folder, hub id or .gguf file the diff was made against.
-        path_diff: the weight diff folder.
-        path_tuned: folder to save the recovered model and tokenizer into (optional, as upstream).
-        device: where to do the arithmetic (cpu, cuda, ...).
-        test_inference: generate from a fixed instruction afterwards (in --prompt_template) and print it.
-        check_integrity_naively: also check the sum of all parameters against the sum recorded in the
-            diff, or Alpaca-7B's 50637.1836 for diffs that record none (upstream's check).
-        overwrite: replace an existing non-empty path_tuned (only once the recovered model has passed
-            its checks).
-        prompt_template: the template of the smoke-test prompt: alpaca_legacy (Stanford's training prompt),
-            alpaca, or a template file.
-        max_shard_size: largest safetensors file to write (5GB, 500MB, ...); save_pretrained's default.
-    """
-    from alpaca.weights.diffs import recover as recover_weights
-
-    recover_weights(
-        path_raw,
-        path_diff,
-        path_tuned or None,
-        device=device,
-        test_inference=test_inference,
-        check_integrity_naively=check_integrity_naively,
-        overwrite=overwrite,
-        prompt_template=prompt_template,
-        max_shard_size=max_shard_size,
+    make(
+        config.path_raw,
+        config.path_tuned,
+        config.path_diff,
+        device=config.device,
+        overwrite=config.overwrite,
+        max_shard_size=config.max_shard_size,
     )
 
 
-def verify(path_tuned: str, integrity_file: str = "", device: str = "cpu"):
-    """Check a recovered model, tensor by tensor, against the SHA-256 recorded when its diff was made.
+@flags_from(RecoverConfig)
+def recover(config: RecoverConfig):
+    """Recover the fine-tuned weights as raw + diff and check each tensor against the diff's hashes."""
+    from alpaca.weights.diffs import recover as recover_weights
 
-    Args:
-        path_tuned: the recovered model folder (recover writes weight_diff_integrity.json into it).
-        integrity_file: the integrity record to check against; default PATH_TUNED/weight_diff_integrity.json.
-        device: where to load the model (cpu, cuda, ...).
-    """
+    recover_weights(
+        config.path_raw,
+        config.path_diff,
+        config.path_tuned or None,
+        device=config.device,
+        test_inference=config.test_inference,
+        check_integrity_naively=config.check_integrity_naively,
+        overwrite=config.overwrite,
+        prompt_template=config.prompt_template,
+        max_shard_size=config.max_shard_size,
+    )
+
+
+@flags_from(VerifyConfig)
+def verify(config: VerifyConfig):
+    """Check a recovered model, tensor by tensor, against the SHA-256 recorded when its diff was made."""
     from alpaca.weights.diffs import verify as verify_weights
 
-    verify_weights(path_tuned, integrity_file or None, device=device)
+    verify_weights(config.path_tuned, config.integrity_file or None, device=config.device)
 
 
 if __name__ == "__main__":

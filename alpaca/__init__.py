@@ -18,8 +18,8 @@ Scripts and the rooms they use (each script is a thin `fire` entry point over it
 Shared plumbing:
 
     core/         cli (fire + --config), settings (the table helpers), files (JSON records, atomic
-                  writes), staging (safe output folders), log (rank-0 printing), threads, prompter
-                  (the prompt templates in alpaca/templates/)
+                  writes), staging (safe output folders), locks (one run per output), log (rank-0
+                  printing), threads, prompter (the prompt templates in alpaca/templates/)
     openai_jobs/  what self-instruct and pairwise judging share: the API client with retries, prices
                   and the cost cap, the journal writer and request hashes, the client flags' checks
 

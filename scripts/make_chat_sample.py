@@ -33,9 +33,14 @@ def conversations(records: list[dict]) -> list[dict]:
             messages.append({"role": "system", "content": SYSTEM_PROMPTS[(index // 3) % len(SYSTEM_PROMPTS)]})
         for record in group:
             user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+            messages += [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": record["output"]},
+            ]
         if index % 4 == 3:
-            out.append({"conversations": [{"from": SHAREGPT[m["role"]], "value": m["content"]} for m in messages]})
+            out.append(
+                {"conversations": [{"from": SHAREGPT[m["role"]], "value": m["content"]} for m in messages]}
+            )
         else:
             out.append({"messages": messages})
         start, index = start + size, index + 1

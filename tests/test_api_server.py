@@ -25,6 +25,9 @@ from alpaca.serving.server import ApiServer, launch_api
 
 openai = import_or_skip("openai", "pip install -r requirements.txt")
 
+# server tests: an HTTP server on a real port (make test-fast skips them)
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "tiny-alpaca"
 RECORDS = [

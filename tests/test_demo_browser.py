@@ -17,6 +17,9 @@ from helpers.tiny_trained import TRAINED_ANSWERS
 from alpaca.inference.decoding import DecodingSettings
 from alpaca.inference.loading import load_generators
 
+# browser tests: a Gradio server and Chromium (make test-fast skips them)
+pytestmark = pytest.mark.slow
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",

@@ -31,6 +31,9 @@ from alpaca.inference.page import (  # noqa: E402
     request_body_limit,
 )
 
+# server tests: a Gradio server on a real port (make test-fast skips them)
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 LIMITS = GenerationLimits(max_input_tokens=160, max_new_tokens=64)
 # Instruction, Input, Temperature, Top p, Top k, Beams, Max tokens, Stream output, Seed
@@ -280,7 +283,6 @@ def test_auth_is_required_when_set(generators, monkeypatch):
         demo.close()
 
 
-@pytest.mark.slow
 def test_generate_py_serves_on_loopback_by_default(tiny_llama, trained_adapter):
     """The real command line: `python generate.py --base_model=... --lora_weights=...`."""
     port = free_port()

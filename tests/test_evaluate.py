@@ -286,6 +286,7 @@ def journal_judgments(path: Path) -> list[dict]:
     return entries
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_identical_results_and_judges_nothing_twice(tmp_path):
     script = {
         f"task {i}": {

@@ -14,6 +14,8 @@ import pytest
 from helpers.export_fixtures import (
     CONVERT_HF,
     CONVERT_LEGACY,
+    LEGACY_HEADER_KEYS,
+    assert_same_header,
     assert_same_tensors,
     read_gguf,
     require_converters,
@@ -182,8 +184,7 @@ def test_gguf_export_equals_llama_cpp_conversion(
     )
     kv, tensors = read_gguf(out)
     ref_kv, ref_tensors = read_gguf(reference_gguf[outtype])
-    differing = sorted(key for key in set(kv) | set(ref_kv) if kv.get(key) != ref_kv.get(key))
-    assert differing == []
+    assert_same_header(kv, ref_kv)
     assert_same_tensors(tensors, ref_tensors)
     print(f"{outtype}: {len(kv)} keys and {len(tensors)} tensors equal to llama.cpp's conversion")
     assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "smollm"
@@ -230,22 +231,16 @@ def test_meta_export_through_llama_cpp_legacy_converter(smollm2, smollm2_adapter
     output = tensors.pop("output.weight")
     assert np.array_equal(output[1], ref_tensors["token_embd.weight"][1])
     assert_same_tensors(tensors, ref_tensors)
-    for key in (
-        "llama.block_count",
-        "llama.embedding_length",
-        "llama.feed_forward_length",
-        "llama.attention.head_count",
-        "llama.attention.head_count_kv",
-        "llama.rope.freq_base",
-        "llama.attention.layer_norm_rms_epsilon",
-        "llama.rope.dimension_count",
-        "tokenizer.ggml.model",
-        "tokenizer.ggml.tokens",
-        "tokenizer.ggml.merges",
-        "tokenizer.ggml.bos_token_id",
-        "tokenizer.ggml.eos_token_id",
-    ):
-        assert kv[key] == ref_kv[key], key
+    assert_same_header(
+        kv,
+        ref_kv,
+        (
+            *LEGACY_HEADER_KEYS,
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id",
+        ),
+    )
     # The legacy converter's BPE reader types every token of the vocabulary as normal, the special ones
     # (<|im_end|>, ...) included, and writes no pre-tokenizer name: a limit of that converter (docs say
     # to prefer export_gguf.py for BPE models), visible here and nowhere else.

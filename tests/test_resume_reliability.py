@@ -207,6 +207,7 @@ def resume_latest(train, out):
     return "ok"
 
 
+@pytest.mark.slow
 def test_kill_9_at_every_write_of_a_checkpoint_save_then_latest(train, reference, tmp_path):
     reference_out, events = reference
     # every write of checkpoint-4 (adapter, training args, optimizer, scheduler, RNG, trainer state), the
@@ -228,6 +229,7 @@ def test_kill_9_at_every_write_of_a_checkpoint_save_then_latest(train, reference
     print(f"{len(targets)} aimed kills, each resumed to the reference adapter: {sorted(outcomes)}")
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_latest(train, reference, tmp_path):
     """Kills without any hook, the moment a file appears: the exact point inside the save is left to
     chance (often an empty or half-written folder). `latest` then resumes to the same adapter or, when
@@ -257,6 +259,7 @@ def test_kill_9_at_random_moments_then_latest(train, reference, tmp_path):
     assert resumed >= 3, (resumed, refused)
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_command_line_while_it_saves(tiny_llama, data, train, reference, tmp_path):
     """The real script in its own process, killed the moment checkpoint-4 appears; then `latest`."""
     reference_out, _ = reference
@@ -364,6 +367,8 @@ def test_rng_files_expected_for_the_ranks_that_saved(finished, tmp_path):
     config = json.loads((out / "run_config.json").read_text())
     (out / "run_config.json").write_text(json.dumps({**config, "world_size": 2}))
     checkpoint = out / "checkpoint-6"
+    # The renamed files no longer match the checksum manifest; this test is about the file layout only.
+    (checkpoint / "checkpoint_sha256.json").unlink()
     (checkpoint / "rng_state.pth").rename(checkpoint / "rng_state_0.pth")
     assert checkpoint_problems(checkpoint, use_lora=True, n_ranks=1) == ["rng_state_1.pth missing"]
     shutil.copy(checkpoint / "rng_state_0.pth", checkpoint / "rng_state_1.pth")

@@ -357,6 +357,7 @@ def journal_requests(path: Path) -> int:
     return sum(1 for line in path.read_bytes().splitlines() if b'"kind": "request"' in line)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_loses_and_duplicates_nothing(tmp_path):
     flags = dict(num_instructions_to_generate=150, request_batch_size=5, max_concurrent_requests=2)
     with ScriptedOpenAIServer(synthetic_responder) as server:

@@ -1,15 +1,18 @@
-"""One source of truth for the settings: finetune.py's and generate_instruction.py's signatures, their
---help and the settings dataclasses agree; per-mode defaults; a mistyped flag fails before loading."""
+"""One source of truth for the settings: every command's signature, its --help and its settings table
+agree; per-mode defaults; a mistyped flag fails before loading."""
 
 import dataclasses
+import importlib.util
 import inspect
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
+import pytest
+
 import finetune
-import generate_instruction
 from alpaca.core import settings
 from alpaca.finetune.resolve import resolve_config
 from alpaca.finetune.settings import FinetuneConfig, flag_defaults, flag_fields, mode_defaults
@@ -29,6 +32,101 @@ def script_help(script: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return " ".join((result.stdout + result.stderr).split())  # fire wraps lines: compare word by word
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"settings_{name.removesuffix('.py')}", REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# every command a user runs, and the table its flags come from
+COMMANDS = [
+    ("finetune.py", "train", "alpaca.finetune.settings:FinetuneConfig"),
+    ("generate.py", "main", "alpaca.inference.settings:GenerateConfig"),
+    (
+        "generate_instruction.py",
+        "generate_instruction_following_data",
+        "alpaca.selfinstruct.settings:SelfInstructConfig",
+    ),
+    ("export_hf_checkpoint.py", "main", "alpaca.weights.settings:ExportHFConfig"),
+    ("export_state_dict_checkpoint.py", "main", "alpaca.weights.settings:ExportMetaConfig"),
+    ("export_gguf.py", "main", "alpaca.weights.settings:ExportGGUFConfig"),
+    ("weight_diff.py", "make_diff", "alpaca.weights.settings:MakeDiffConfig"),
+    ("weight_diff.py", "recover", "alpaca.weights.settings:RecoverConfig"),
+    ("weight_diff.py", "verify", "alpaca.weights.settings:VerifyConfig"),
+    ("evaluate.py", "pairwise", "alpaca.evaluation.settings:PairwiseConfig"),
+    ("evaluate.py", "loss", "alpaca.evaluation.settings:LossConfig"),
+    ("evaluate.py", "exact_match", "alpaca.evaluation.settings:ExactMatchConfig"),
+    ("evaluate.py", "leaderboard", "alpaca.evaluation.settings:LeaderboardConfig"),
+]
+
+
+def command_and_table(script: str, name: str, table: str):
+    module_name, class_name = table.split(":")
+    import importlib
+
+    return getattr(load_script(script), name), getattr(importlib.import_module(module_name), class_name)
+
+
+@pytest.mark.parametrize("script,name,table", COMMANDS, ids=[f"{c[0]}:{c[1]}" for c in COMMANDS])
+def test_every_command_signature_and_help_are_its_table(script, name, table):
+    """The names, order, defaults and declared types fire sees are the table's, and the help fire
+    prints for the command shows every flag with its table help line."""
+    from fire import helptext, trace
+
+    function, config_class = command_and_table(script, name, table)
+    parameters = {
+        p.name: p for p in inspect.signature(function).parameters.values() if p.kind is not p.VAR_KEYWORD
+    }
+    fields = settings.flag_fields(config_class)
+    assert list(parameters) == [f.name for f in fields], "same flags, same order"
+    hints, table_hints = typing.get_type_hints(function), typing.get_type_hints(config_class)
+    for spec in fields:
+        parameter = parameters[spec.name]
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            assert spec.metadata["variadic"], spec.name
+        else:
+            expected = inspect.Parameter.empty if spec.default is settings.REQUIRED else spec.default
+            assert parameter.default == expected, spec.name
+        declared = spec.metadata.get("flag_type") or table_hints[spec.name]
+        assert hints[spec.name] in (declared, declared | None), spec.name  # real types for cli.typed_flags
+        assert spec.metadata.get("help", "").strip(), f"{spec.name} has no help line"
+    text = " ".join(helptext.HelpText(function, trace.FireTrace(function, name=name)).split())
+    for spec in fields:
+        assert f"--{spec.name}" in text or spec.name.upper() in text, spec.name
+        assert " ".join(spec.metadata["help"].split()) in text, spec.name
+    assert "COMMAND" not in text, "no attribute of the entry shows up as a subcommand"
+
+
+def test_a_command_body_receives_its_table_filled_from_the_flags():
+    received = []
+
+    @dataclasses.dataclass
+    class Table:
+        path: str = settings.setting(settings.REQUIRED, "a path.")
+        rest: tuple = settings.setting((), "more paths.", variadic=True, flag_type=str)
+        steps: int = settings.setting(3, "steps.")
+        name: str = settings.setting(None, "a name.")
+
+    @settings.flags_from(Table, extra="more")
+    def command(config: Table, **more) -> None:
+        """Do it."""
+        received.append((config, more))
+
+    signature = inspect.signature(command)
+    assert [(p.name, p.kind.name) for p in signature.parameters.values()] == [
+        ("path", "POSITIONAL_OR_KEYWORD"),
+        ("rest", "VAR_POSITIONAL"),
+        ("steps", "KEYWORD_ONLY"),
+        ("name", "KEYWORD_ONLY"),
+        ("more", "VAR_KEYWORD"),
+    ]
+    assert typing.get_type_hints(command)["name"] == str | None  # a None default takes None
+    command("a", "b", "c", steps=5, optim="sgd")
+    assert received == [(Table(path="a", rest=("b", "c"), steps=5), {"optim": "sgd"})]
+    assert "Do it." in command.__doc__ and "steps: steps." in command.__doc__
 
 
 def test_finetune_signature_is_the_settings_table():
@@ -105,23 +203,6 @@ def test_pass_through_training_arguments_and_mapped_names_are_accepted(tiny_llam
     config = resolve_config({"base_model": tiny_llama}, extra)
     assert config.extra_training_args == {"optim": "adamw_torch", "tf32": False, "eval_strategy": "no"}
     assert config.warmup_steps == 0.1
-
-
-def test_generate_instruction_signature_is_the_settings_table():
-    parameters = inspect.signature(generate_instruction.generate_instruction_following_data).parameters
-    flags = {name: p.default for name, p in parameters.items()}
-    assert list(flags) == list(settings.flag_defaults(SelfInstructConfig)), "same flags, same order"
-    assert flags == settings.flag_defaults(SelfInstructConfig)
-    assert [f.name for f in dataclasses.fields(SelfInstructConfig)] == list(flags), "every field is a flag"
-
-
-def test_generate_instruction_help_shows_every_setting_help_line():
-    for spec in dataclasses.fields(SelfInstructConfig):
-        assert spec.metadata.get("help", "").strip(), f"{spec.name} has no help line"
-    text = script_help("generate_instruction.py")
-    for spec in dataclasses.fields(SelfInstructConfig):
-        assert f"--{spec.name}" in text, spec.name
-        assert " ".join(spec.metadata["help"].split()) in text, spec.name
 
 
 def test_generate_instruction_docs_table_lists_the_table_defaults():

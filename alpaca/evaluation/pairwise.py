@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alpaca.core.files import write_json_atomic
+from alpaca.core.locks import locks_output
 from alpaca.evaluation.journal import JudgeJournal, judgment_hash
 from alpaca.evaluation.judge import (
     COMPLETIONS_STOP,
-    DEFAULT_JUDGE_MODEL,
     build_judge_prompt,
     judge_messages,
     parse_verdict,
 )
 from alpaca.evaluation.outputs import Matching, Pair, load_outputs, match_outputs
+from alpaca.evaluation.settings import PairwiseConfig
 from alpaca.evaluation.stats import combine_orders, preferred_side, summarize
-from alpaca.openai_jobs.cost import CostMeter, request_texts, resolve_prices, worst_case_usd
-from alpaca.openai_jobs.settings import api_check, backoff_check, cap_check, client_checks, price_checks
+from alpaca.openai_jobs.cost import CostMeter, request_texts, worst_case_usd
 
 ORDERS = ("reference_first", "model_first")
 ANNOTATIONS_NAME = "annotations.json"
@@ -42,78 +41,6 @@ PREFERENCE_RULE = (
 
 class PairwiseIncomplete(RuntimeError):
     """The run stopped before every pair was judged (cost cap, API failure); what was judged is saved."""
-
-
-@dataclass
-class PairwiseConfig:
-    """Every setting of a pairwise run (see ``evaluate.py pairwise --help`` for each one)."""
-
-    model_outputs: str = ""
-    reference_outputs: str = ""
-    output_dir: str = ""
-    judge_model: str = DEFAULT_JUDGE_MODEL
-    api: str = "chat"
-    base_url: str | None = None
-    max_tokens: int = 50
-    temperature: float = 0.0
-    max_concurrent_requests: int = 8
-    max_retries: int = 5
-    request_timeout: float = 120.0
-    initial_retry_delay: float = 1.0
-    max_cost_usd: float | None = None
-    prompt_price_per_1m: float | None = None
-    completion_price_per_1m: float | None = None
-    progress: bool = True
-
-    def type_problems(self) -> list[str]:
-        """Flags of the wrong type: fire reads `--judge_model=4` as a number and `--max_tokens=abc` as text."""
-        wanted = {bool: "True or False", int: "a whole number", float: "a number", str: "text"}
-        problems = []
-        for name, hint in typing.get_type_hints(type(self)).items():
-            value, kinds = getattr(self, name), typing.get_args(hint) or (hint,)
-            optional = type(None) in kinds
-            base = next(kind for kind in kinds if kind is not type(None))
-            if value is None and optional:
-                continue
-            numeric = base is float and isinstance(value, (int, float))
-            if isinstance(value, bool) != (base is bool) or not (numeric or isinstance(value, base)):
-                problem = (
-                    f"--{name} must be {wanted[base]}{' (or left out)' if optional else ''}, not {value!r}"
-                )
-                if base is str and isinstance(value, (int, float)):
-                    problem += f" (write --{name}='\"{value}\"' for a name that looks like a number)"
-                problems.append(problem)
-        return problems
-
-    def problems(self) -> list[str]:
-        """Every invalid setting, each naming its flag and what is allowed."""
-        wrong_types = self.type_problems()
-        if wrong_types:
-            return wrong_types
-        folder = Path(self.output_dir).expanduser()
-        existing = next((part for part in (folder, *folder.parents) if part.exists()), None)
-        checks = [
-            (
-                bool(self.output_dir),
-                "--output_dir is required: the folder for annotations.json and results.json",
-            ),
-            (
-                existing is None or existing.is_dir(),
-                f"--output_dir={self.output_dir!r}: {existing} is a file, not a folder",
-            ),
-            api_check(self.api),
-            (bool(self.judge_model), "--judge_model must name a model"),
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "--max_tokens must be at least 1"),
-            (0.0 <= self.temperature <= 2.0, "--temperature must be between 0 and 2"),
-            *client_checks(self),
-            backoff_check(self),
-            cap_check(self),
-            *price_checks(self, self.judge_model),
-        ]
-        return [message for ok, message in checks if not ok]
-
-    def prices(self) -> tuple[float, float] | None:
-        return resolve_prices(self.judge_model, self.prompt_price_per_1m, self.completion_price_per_1m)
 
 
 @dataclass
@@ -333,6 +260,11 @@ def load_matching(config: PairwiseConfig) -> Matching:
     return matching
 
 
+@locks_output(
+    "--output_dir",
+    lambda arguments: arguments["config"].output_dir,
+    settings_ok=lambda arguments: not arguments["config"].problems(),
+)
 def run_pairwise(config: PairwiseConfig) -> dict:
     """Judge, write annotations.json and results.json, and return the results.
 

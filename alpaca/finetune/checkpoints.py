@@ -8,7 +8,13 @@ this order: the weights (`adapter_model.safetensors` + `adapter_config.json`, or
 `training_args.bin`, `optimizer.pt`, `scheduler.pt`, (`scaler.pt` with fp16), `rng_state.pth` (one
 `rng_state_<rank>.pth` per rank under torchrun), and `trainer_state.json` last. None of these writes is
 atomic. So a folder named `checkpoint-N` is resumable only when every one of those files is there and
-readable; anything less is a half-written checkpoint, never a "final adapter".
+readable; anything less is a half-written checkpoint, never a "final adapter". The same holds for a
+folder of any name that holds the Trainer's own state (`optimizer.pt`, `scheduler.pt`, `rng_state*.pth`
+...): a copied or renamed checkpoint is checked as one.
+
+After each complete save, `checkpoint_sha256.json` (every file's SHA-256 and size) is written into the
+checkpoint, atomically and last; a checkpoint whose files no longer match it (a flipped bit, a file
+replaced) is not resumed.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ if TYPE_CHECKING:
 
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST_NAME = "checkpoint_sha256.json"
+# Files only the Trainer's checkpoints hold (a final adapter or model folder has none of them).
+TRAINER_STATE_FILES = ("trainer_state.json", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt")
 
 # The settings that define a run: resuming a checkpoint with any of them changed would continue a
 # different run. Length settings (max_steps, num_epochs), logging and saving may change on resume.
@@ -64,6 +73,78 @@ def checkpoint_step(path: str | Path) -> int | None:
     """N for a folder named `checkpoint-N`, else None."""
     match = CHECKPOINT_NAME.match(Path(path).name)
     return int(match.group(1)) if match else None
+
+
+def trainer_state_files(folder: str | Path) -> list[str]:
+    """The files (and folders) in `folder` that only a Trainer checkpoint holds: optimizer, scheduler,
+    scaler and RNG state, trainer_state.json, DeepSpeed / FSDP optimizer folders, the checksum manifest."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name in TRAINER_STATE_FILES
+        or p.name == MANIFEST_NAME
+        or re.fullmatch(r"rng_state(_\d+)?\.pth", p.name)
+        or (p.is_dir() and (p.name == "optimizer_0" or p.name.startswith("global_step")))
+    )
+
+
+def is_trainer_checkpoint(folder: str | Path) -> bool:
+    """A `checkpoint-N` folder, or a folder of any name holding the Trainer's own state."""
+    return checkpoint_step(folder) is not None or bool(trainer_state_files(folder))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checkpoint_manifest(folder: str | Path) -> Path:
+    """Write `checkpoint_sha256.json` (SHA-256 and size of every file) into a complete checkpoint,
+    atomically; call it last, once the Trainer has written everything."""
+    from alpaca.core.files import write_json_atomic
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    manifest = {
+        "files": {
+            str(p.relative_to(folder)): {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files
+        }
+    }
+    write_json_atomic(folder / MANIFEST_NAME, manifest)
+    return folder / MANIFEST_NAME
+
+
+def manifest_problems(folder: Path) -> list[str]:
+    """Files of a checkpoint that differ from its `checkpoint_sha256.json` (none when it has no
+    manifest: one saved by an older version, or killed just before the manifest was written)."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return []
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        entries = [(name, entry["sha256"], entry["bytes"]) for name, entry in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return [f"{MANIFEST_NAME} unreadable"]
+    problems = []
+    for name, sha256, size in entries:
+        file = folder / name
+        if not file.is_file():
+            problems.append(f"{name} missing (listed in {MANIFEST_NAME})")
+        elif file.stat().st_size != size:
+            problems.append(
+                f"{name} changed since it was saved ({file.stat().st_size} bytes, {MANIFEST_NAME} says {size})"
+            )
+        elif file_sha256(file) != sha256:
+            problems.append(
+                f"{name} does not match its SHA-256 in {MANIFEST_NAME} (damaged since it was saved)"
+            )
+    return problems
 
 
 def _json_problem(path: Path) -> str | None:
@@ -145,7 +226,7 @@ def checkpoint_problems(folder: str | Path, use_lora: bool, n_ranks: int = 1) ->
     for name in required + [n for n in optional if (folder / n).is_file()]:
         if problem := torch_file_problem(folder / name):
             problems.append(f"{name} {problem}")
-    return problems
+    return problems or manifest_problems(folder)
 
 
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:
@@ -203,7 +284,8 @@ def plan_resume(config: FinetuneConfig) -> ResumePlan:
 
     `latest` takes the newest complete `checkpoint-N` in output_dir and says which newer ones it skipped
     and why; an explicit checkpoint folder must be complete; any other folder is a final adapter
-    (weights only). A `checkpoint-N` folder is never taken for a final adapter.
+    (weights only). A Trainer checkpoint (`checkpoint-N`, or any folder holding optimizer, scheduler or
+    RNG state) is never taken for a final adapter.
     """
     target = config.resume_from_checkpoint
     if not target:
@@ -223,11 +305,16 @@ def plan_resume(config: FinetuneConfig) -> ResumePlan:
     path = Path(target).expanduser()
     if not path.is_dir():
         raise ValueError(f"{flag}: no such folder")
-    if checkpoint_step(path) is not None or (path / "trainer_state.json").exists():
+    if is_trainer_checkpoint(path):
         problems = checkpoint_problems(path, config.use_lora, config.world_size)
         if problems:
+            why = (
+                ""
+                if checkpoint_step(path) is not None
+                else f" (it holds {', '.join(trainer_state_files(path))})"
+            )
             raise ValueError(
-                f"{flag} is an incomplete Trainer checkpoint (a run killed while saving it?): "
+                f"{flag} is an incomplete Trainer checkpoint{why} (a run killed while saving it, or damaged since?): "
                 + "; ".join(problems)
                 + ". Resume from an earlier checkpoint, or use --resume_from_checkpoint=latest"
             )

@@ -16,9 +16,11 @@ each a set of module-level functions that tests call on a tiny model:
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 from alpaca.core.files import write_json_atomic
+from alpaca.core.locks import output_lock
 from alpaca.core.log import is_main_process, log
 from alpaca.finetune.checkpoints import load_adapter_weights, plan_resume, prepare_output_dir, run_identity
 from alpaca.finetune.distributed import close_process_group, configure_fsdp
@@ -29,6 +31,7 @@ from alpaca.finetune.report import (
     save_outputs,
 )
 from alpaca.finetune.resolve import resolve_config
+from alpaca.finetune.settings import FinetuneConfig
 from alpaca.finetune.trainer import build_trainer, build_training_arguments, setup_wandb
 
 
@@ -38,12 +41,19 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
 
     `trainer_class` replaces transformers' Trainer (tests pass a CPU FSDP shim; users never need to).
     """
+    config = resolve_config(flags, extra)
+    # One run per output folder: rank 0 holds its lock from the resume checks to the last file.
+    with output_lock(config.output_dir, "--output_dir") if is_main_process() else nullcontext():
+        return _finetune_in_output_dir(config, trainer_class)
+
+
+def _finetune_in_output_dir(config: FinetuneConfig, trainer_class) -> dict:
+    """`run_finetune` once the settings are resolved and the output folder is this run's."""
     from alpaca.core.chat import is_conversation, save_training_format, training_format
     from alpaca.core.prompter import Prompter
     from alpaca.finetune.data import build_datasets, load_records
     from alpaca.modeling import resolve_base_model
 
-    config = resolve_config(flags, extra)
     prompter = Prompter(config.prompt_template_name)
     records = load_records(config.data_path)
     plan = plan_resume(config)

@@ -6,11 +6,10 @@ the flag's default (what `finetune.py`'s signature shows), its help line (the `A
 the Alpaca-LoRA (`lora=`) and Stanford (`full=`) defaults that an unset flag takes.
 
 The generic pieces (a field with a help line, the `Args:` generator) are in alpaca/core/settings.py, shared
-with the self-instruct settings. Adding a knob takes three edits:
+with every other command's table. `finetune.py`'s signature and `--help` are built from this table
+by `@flags_from` (alpaca/core/settings.py). Adding a knob takes two edits:
   1. a `setting(...)` field here (default, help, per-mode defaults);
-  2. the same name and default in `finetune.py`'s signature (fire reads the signature; a test checks
-     that it agrees with this table);
-  3. the code that uses `config.<name>`.
+  2. the code that uses `config.<name>` (and a range in NUMERIC_RANGES, if it has one).
 
 How the flags of a command line become a `FinetuneConfig` is in `alpaca/finetune/resolve.py`.
 """
@@ -21,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from alpaca.core import settings as shared_settings
+from alpaca.core.prompter import available_templates
 from alpaca.core.settings import derived
 
 UNSET = object()
@@ -28,11 +28,11 @@ SECRET_MASK = "***"  # what run_config.json holds in place of a token or key (al
 DEFAULT_SOURCES = {True: "default (Alpaca-LoRA)", False: "default (Stanford Alpaca recipe)"}
 
 
-def setting(default, help: str, *, lora=UNSET, full=UNSET):
+def setting(default, help: str, *, lora=UNSET, full=UNSET, flag_type=None):
     """A flag of finetune.py: its default, its help line, and optionally its LoRA / full defaults
     (then the flag's own default is None, meaning "the mode decides")."""
     modes = None if lora is UNSET else {True: lora, False: full}
-    return shared_settings.setting(default, help, modes=modes)
+    return shared_settings.setting(default, help, flag_type=flag_type, modes=modes)
 
 
 @dataclass
@@ -92,7 +92,9 @@ class FinetuneConfig:
     lora_alpha: int = setting(16, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = setting(0.05, "dropout on the LoRA input.")
     lora_target_modules: list = setting(
-        ("q_proj", "v_proj"), "linear modules to adapt, e.g. [q_proj,v_proj], or all-linear."
+        ("q_proj", "v_proj"),
+        "linear modules to adapt, e.g. [q_proj,v_proj], or all-linear.",
+        flag_type=list[str] | str,
     )
     # llm hyperparams
     train_on_inputs: bool = setting(
@@ -124,7 +126,7 @@ class FinetuneConfig:
     )
     prompt_template_name: str = setting(
         None,
-        "a template in templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a path to a JSON "
+        f"a template in templates/ ({', '.join(available_templates())}) or a path to a JSON "
         "template. Default alpaca with LoRA (Alpaca-LoRA's), alpaca_legacy for full fine-tuning "
         "(Stanford's exact prompt).",
         lora="alpaca",
@@ -151,7 +153,7 @@ class FinetuneConfig:
     logging_steps: int = setting(10, "log the loss every N optimizer steps.")
     eval_steps: int = setting(200, "evaluate every N steps when there is a validation set.")
     save_steps: int = setting(200, "checkpoint every N steps.")
-    save_total_limit: int | None = setting(3, "keep at most N checkpoints.")
+    save_total_limit: int | None = setting(3, "keep at most N checkpoints.", flag_type=int)
     warmup_steps: float = setting(
         None,
         "learning-rate warmup; a value below 1 is a fraction of the run (--warmup_ratio is an alias). "
@@ -176,6 +178,7 @@ class FinetuneConfig:
         None,
         "comma-separated integrations (wandb, tensorboard, none). Default: wandb when a wandb project is "
         "set, else none.",
+        flag_type=str | None,
     )
     trust_remote_code: bool = setting(False, "allow model code from the hub (off by default).")
     overwrite: bool = setting(False, "clear a non-empty --output_dir (another run's files) before training.")

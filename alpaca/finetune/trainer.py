@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from alpaca.core.log import is_main_process
+from alpaca.finetune.checkpoints import write_checkpoint_manifest
 from alpaca.finetune.distributed import cuda_available
 from alpaca.finetune.settings import FinetuneConfig
 
@@ -76,7 +78,28 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, train_set, val_set, 
         eval_dataset=ExampleDataset(val_set) if val_set else None,
         data_collator=collator,
         processing_class=tokenizer,
+        callbacks=[checksum_manifest_callback()],
     )
+
+
+def checksum_manifest_callback():
+    """A callback that writes `checkpoint_sha256.json` into each checkpoint once the Trainer has saved
+    all of it (`on_save` runs after `_save_checkpoint`), on rank 0 after every rank wrote its RNG file."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class ChecksumManifest(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                write_checkpoint_manifest(folder)
+            return control
+
+    return ChecksumManifest()
 
 
 def setup_wandb(config: FinetuneConfig) -> None:

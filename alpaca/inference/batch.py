@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from alpaca.core.files import read_json_values, write_json_atomic
+from alpaca.core.locks import locks_output
 from alpaca.inference.decoding import DecodingSettings
 from alpaca.inference.generation import ResponseGenerator
 
@@ -102,6 +103,7 @@ def read_finished(output_file: str, records: list[dict]) -> list[dict]:
     return finished
 
 
+@locks_output("--output_file", lambda arguments: arguments["output_file"])
 def run_batch(
     generator: ResponseGenerator,
     input_file: str,

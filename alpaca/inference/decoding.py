@@ -3,12 +3,15 @@
 `make_settings` checks a request's decoding settings against the server's `GenerationLimits`;
 `build_generation_config` turns them into a transformers `GenerationConfig`. Stop strings come from
 the prompt template (`template_stop_strings`) or `--stop`, and cut a reply before the next turn the
-model invents (`cut_at_stop`, `held_back` for streams).
+model invents (`cut_at_stop`, `held_back` for streams). `StreamDecoder` turns a growing list of
+generated tokens into text that only grows, for the API's and the page's streams.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -209,3 +212,86 @@ def split_list(value: str | Sequence[str] | None) -> list[str]:
         return []
     items = value.split(",") if isinstance(value, str) else [str(item) for item in value]
     return [item.strip() for item in items if item.strip()]
+
+
+# sentencepiece's byte-fallback pieces (LLaMA-1/2, Mistral): one token per UTF-8 byte of a character
+# that has no piece of its own.
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_byte_ids_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def byte_token_ids(tokenizer) -> frozenset[int]:
+    """The ids of `tokenizer`'s byte-fallback tokens (`<0x00>` ... `<0xFF>`); empty for byte-level BPE."""
+    try:
+        return _byte_ids_cache[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    ids = frozenset(i for piece, i in tokenizer.get_vocab().items() if _BYTE_PIECE.fullmatch(piece))
+    try:
+        _byte_ids_cache[tokenizer] = ids
+    except TypeError:
+        pass
+    return ids
+
+
+class StreamDecoder:
+    """Decodes a reply that grows token by token into text that only grows.
+
+    `text` is the reply as a whole (what a non-streamed reply holds); `settled_text` is the longest
+    start of it that no later token can change, which is what a stream may show. Two things can change
+    text already decoded:
+
+    - A run of byte-fallback tokens decodes as a whole: as UTF-8 when the run is valid, else as one
+      U+FFFD per byte (tokenizers' ByteFallback decoder). So a run that reads "日" now may read
+      "\ufffd\ufffd\ufffd\ufffd" once one more byte token joins it. The run is held back until an
+      ordinary token closes it.
+    - Byte-level BPE (GPT-2, SmolLM2) decodes an incomplete UTF-8 character at the end as U+FFFD, which
+      the next token may complete: trailing U+FFFD is held back. With `clean_up_tokenization_spaces`,
+      a space may vanish once punctuation follows it, so text from the last space on is held back.
+
+    The reply is decoded after `context_ids` (the end of the prompt), so that its first word keeps its
+    leading space as in the whole output; when the context does not decode to a prefix of the whole,
+    the reply is decoded alone (and a stream shows nothing until that choice is settled).
+    """
+
+    def __init__(self, tokenizer, context_ids: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.context_ids = [int(token) for token in context_ids]
+        self.byte_ids = byte_token_ids(tokenizer)
+        self.special_ids = frozenset(tokenizer.all_special_ids)
+        self.clean_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self._context_text: str | None = None
+
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def _after_context(self, token_ids: Sequence[int]) -> str | None:
+        if self._context_text is None:
+            self._context_text = self._decode(self.context_ids)
+        full = self._decode(self.context_ids + list(token_ids))
+        return full[len(self._context_text) :] if full.startswith(self._context_text) else None
+
+    def text(self, token_ids: Sequence[int]) -> str:
+        """The reply's text, decoded as a whole."""
+        after = self._after_context(token_ids)
+        return after if after is not None else self._decode(token_ids)
+
+    def settled_length(self, token_ids: Sequence[int]) -> int:
+        """How many of `token_ids` decode to text that later tokens cannot change: all of them but a
+        trailing run of byte tokens (special tokens, skipped when decoding, do not end a run)."""
+        end = len(token_ids)
+        while end > 0 and (token_ids[end - 1] in self.byte_ids or token_ids[end - 1] in self.special_ids):
+            end -= 1
+        if any(token in self.byte_ids for token in token_ids[end:]):
+            return end
+        return len(token_ids)
+
+    def settled_text(self, token_ids: Sequence[int]) -> str:
+        """The start of `text(token_ids + any later tokens)` known already."""
+        text = self._after_context(token_ids[: self.settled_length(token_ids)])
+        if text is None:
+            return ""
+        text = text.rstrip("\ufffd")
+        if self.clean_up:
+            text = text[: max(text.rfind(" "), 0)]
+        return text

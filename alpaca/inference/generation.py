@@ -14,6 +14,7 @@ state), and keeps peft's `generate`, which patches the base model while it runs,
 
 from __future__ import annotations
 
+import queue
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from alpaca.core.prompter import Prompter
 from alpaca.inference.decoding import (
     DecodingSettings,
     GenerationLimits,
+    StreamDecoder,
     build_generation_config,
     cut_at_stop,
     held_back,
@@ -62,6 +64,28 @@ class GeneratedReply:
 
     text: str
     num_tokens: int
+
+
+class _TokenQueue:
+    """A streamer for `generate` that hands each step's new token ids to another thread (the prompt,
+    which `generate` puts first, is skipped); iterating ends after `end()`."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self._queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (item := self._queue.get()) is not None:
+            yield item
 
 
 class _StopWhenSet:
@@ -189,18 +213,19 @@ class ResponseGenerator:
         """Yield the response so far, growing as tokens are generated; ends at EOS, a stop string or the
         token limit.
 
-        Generation runs in a thread that feeds a `TextIteratorStreamer`. If the reader stops early
-        (Gradio closes the generator when a request is cancelled), generation stops at the next token.
-        Text that may be the start of a stop string is held back until it is clearly not one, so every
-        update extends the previous one and the last equals `generate`'s reply.
+        Generation runs in a thread that hands each new token over (`_TokenQueue`). If the reader stops
+        early (Gradio closes the generator when a request is cancelled), generation stops at the next
+        token. Only text that no later token can change is shown (`StreamDecoder.settled_text`: a run
+        of byte-fallback tokens or an incomplete UTF-8 character is held back), and so is text that may
+        be the start of a stop string, so every update extends the previous one. The last update is
+        `generate`'s reply for the same tokens, decoded the same way.
         """
-        from transformers import TextIteratorStreamer
-
         settings = settings or DecodingSettings()
         prompt = self.prompt_for(instruction, input)
         encoded = self._encode([prompt])
+        prompt_ids = encoded["input_ids"][0]
         config = build_generation_config(self.tokenizer, settings, streaming=True)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        tokens = _TokenQueue()
         stop = threading.Event()
         failure: list[BaseException] = []
         criteria = self._stopping_criteria(encoded["input_ids"].shape[1], _StopWhenSet(stop))
@@ -209,42 +234,41 @@ class ResponseGenerator:
             try:
                 with self.using_model(settings):
                     self.model.generate(
-                        **encoded, generation_config=config, streamer=streamer, stopping_criteria=criteria
+                        **encoded, generation_config=config, streamer=tokens, stopping_criteria=criteria
                     )
             except BaseException as err:  # re-raised in the reader's thread below
                 failure.append(err)
-                streamer.end()
+            finally:
+                tokens.end()
 
         thread = threading.Thread(target=run, name=f"stream-{self.name}", daemon=True)
         thread.start()
-        text, response, yielded = "", "", False
+        decoder = StreamDecoder(self.tokenizer, prompt_ids.tolist())
+        decoded_prompt = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        generated: list[int] = []
+        response, yielded = "", False
         try:
-            for piece in streamer:
-                text += piece
-                current, stopped = cut_at_stop(
-                    self.prompter.get_response(prompt + text, prompt=prompt), self.stop_strings
+            for new_tokens in tokens:
+                generated.extend(new_tokens)
+                whole = self.prompter.get_response(
+                    decoded_prompt + decoder.text(generated), prompt=decoded_prompt
                 )
-                if not stopped:
-                    current = current[: len(current) - held_back(current, self.stop_strings)].rstrip()
-                if current != response:
+                if cut_at_stop(whole, self.stop_strings)[1]:
+                    continue  # generation ends at this token too (`_StopAtStrings`); the reply is final below
+                settled = decoder.settled_text(generated)
+                current = self.prompter.get_response(decoded_prompt + settled, prompt=decoded_prompt)
+                current = current[: len(current) - held_back(current, self.stop_strings)].rstrip()
+                if len(current) > len(response) and current.startswith(response):
                     response, yielded = current, True
-                    yield response
-                if stopped:
-                    break
-            else:
-                final = cut_at_stop(
-                    self.prompter.get_response(prompt + text, prompt=prompt), self.stop_strings
-                )[0]
-                if final != response:
-                    response, yielded = final, True
                     yield response
         finally:
             stop.set()
             thread.join()
         if failure:
             raise failure[0]
-        if not yielded:
-            yield response
+        final = self._response(prompt_ids, prompt_ids.tolist() + generated)
+        if final != response or not yielded:
+            yield final
 
     def _stopping_criteria(self, prompt_length: int, *extra):
         from transformers import StoppingCriteriaList

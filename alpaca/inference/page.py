@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Sequence
@@ -167,9 +168,37 @@ def build_demo(
     return demo
 
 
+def checked_number(component, whole: bool = False, optional: bool = False):
+    """Make `component` (a Slider or Number) refuse a bad value with a message naming its field.
+
+    Gradio checks a slider's range itself, in words that name no field ("Value 5 is greater than
+    maximum value 1."), and a missing value, NaN or text sent through the API failed inside Gradio,
+    so the caller got an error event whose message was null.
+    """
+    preprocess = component.preprocess
+    low, high = getattr(component, "minimum", None), getattr(component, "maximum", None)
+    if low is not None and high is not None:
+        allowed = f"a whole number from {low} to {high}" if whole else f"a number from {low} to {high}"
+    else:
+        allowed = "a whole number (or -1 for a random seed)" if whole else "a number"
+
+    def checked(payload):
+        if payload is None and optional:
+            return None
+        is_number = isinstance(payload, int | float) and not isinstance(payload, bool)
+        if not is_number or not math.isfinite(payload):
+            raise gr.Error(f"{component.label} must be {allowed}, got {payload!r}", print_exception=False)
+        if (low is not None and payload < low) or (high is not None and payload > high):
+            raise gr.Error(f"{component.label} must be {allowed}, got {payload}", print_exception=False)
+        return preprocess(payload)
+
+    component.preprocess = checked
+    return component
+
+
 def _decoding_inputs(defaults: DecodingSettings, limits: GenerationLimits) -> list:
     """Upstream's sliders, with upstream's labels and ranges (Max tokens capped by the server limit)."""
-    return [
+    sliders = [
         gr.Slider(
             minimum=0,
             maximum=1,
@@ -195,15 +224,17 @@ def _decoding_inputs(defaults: DecodingSettings, limits: GenerationLimits) -> li
             label="Max tokens",
         ),
     ]
+    return [checked_number(slider, whole=slider.step == 1) for slider in sliders]
 
 
 def _seed_input(defaults: DecodingSettings) -> gr.Number:
-    return gr.Number(
+    number = gr.Number(
         value=-1 if defaults.seed is None else defaults.seed,
         precision=0,
         label="Seed",
         info="-1: a fresh random sample each time; another value repeats its sample",
     )
+    return checked_number(number, whole=True, optional=True)
 
 
 def request_body_limit(limits: GenerationLimits) -> int:

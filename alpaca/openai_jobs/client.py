@@ -76,7 +76,7 @@ def _warn(message: str) -> None:
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
-def resolve_api_key(base_url: str | None) -> str:
+def client_api_key(base_url: str | None) -> str:
     """The key comes from OPENAI_API_KEY only; local servers get a placeholder when it is unset."""
     key = os.environ.get("OPENAI_API_KEY")
     if key:
@@ -175,7 +175,7 @@ class CompletionClient:
         organization = os.environ.get("OPENAI_ORG") or os.environ.get("OPENAI_ORG_ID")
         # Retries are ours (they honour Retry-After and count toward --max_retries), so the client's are off.
         self._client = openai.AsyncOpenAI(
-            api_key=resolve_api_key(base_url),
+            api_key=client_api_key(base_url),
             organization=organization,
             base_url=base_url,
             timeout=request_timeout,

@@ -1,5 +1,5 @@
-"""The client flags every OpenAI job shares, checked one way: concurrency, retries, timeout, backoff,
-the cost cap and the prices behind it.
+"""The client flags every OpenAI job shares, checked one way: the server address, concurrency,
+retries, timeout, backoff, the cost cap and the prices behind it.
 
 Each job keeps the fields in its own settings (``SelfInstructConfig``, ``PairwiseConfig``), with its
 own defaults and help lines; ``client_checks`` and ``cost_checks`` give those flags the same rules and
@@ -18,9 +18,34 @@ def api_check(api: str) -> tuple[bool, str]:
     return api in API_KINDS, f"--api must be 'chat' or 'completions', not {api!r}"
 
 
+def base_url_problem(base_url: str | None, flag: str = "--base_url") -> str | None:
+    """Why `base_url` cannot be a server's address (checked up front: a malformed one would otherwise
+    be retried --max_retries times like a server that is down), or None."""
+    from urllib.parse import urlsplit
+
+    if base_url is None:
+        return None
+    example = "e.g. http://127.0.0.1:8000/v1"
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number from 0 to 65535)
+    except ValueError as err:
+        return f"{flag}={base_url!r} is not a valid URL ({err}): give the server's address, {example}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{flag}={base_url!r} is not an http:// or https:// URL with a host: give the server's address, {example}"
+    return None
+
+
+def base_url_check(base_url: str | None) -> tuple[bool, str]:
+    """--base_url, when given, is an http(s) URL with a host."""
+    problem = base_url_problem(base_url)
+    return problem is None, problem or ""
+
+
 def client_checks(config) -> list[tuple[bool, str]]:
-    """(ok, message) for --max_concurrent_requests, --max_retries and --request_timeout."""
+    """(ok, message) for --base_url, --max_concurrent_requests, --max_retries and --request_timeout."""
     return [
+        base_url_check(config.base_url),
         (config.max_concurrent_requests >= 1, "--max_concurrent_requests must be at least 1"),
         (config.max_retries >= 0, "--max_retries must be 0 or more"),
         (config.request_timeout > 0, "--request_timeout must be positive (seconds)"),

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from alpaca.core.locks import output_lock
 from alpaca.openai_jobs.client import APIFailure, CompletionClient, CompletionReply, RetryPolicy
 from alpaca.openai_jobs.cost import CostMeter, request_texts, resolve_prices, worst_case_usd
 from alpaca.openai_jobs.journal import request_hash
@@ -91,6 +92,14 @@ def generate(config: SelfInstructConfig) -> dict:
             f"{config.num_prompt_instructions} examples per prompt (--num_prompt_instructions)."
         )
     print(f"Loaded {len(seed_examples)} human-written seed instructions")
+    # One run per output folder. The lock is inside it: the default is the working folder, whose parent
+    # may not be writable.
+    with output_lock(config.output_dir, "--output_dir", inside=True):
+        return _generate_into_output_dir(config, seed_examples)
+
+
+def _generate_into_output_dir(config: SelfInstructConfig, seed_examples: list[dict]) -> dict:
+    """`generate` once the settings and seed tasks are checked and the output folder is this run's."""
     journal = Journal(config.output_dir)
     previous = journal.load()
     seed = resolve_seed(config.seed, previous)

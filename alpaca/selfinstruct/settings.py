@@ -23,11 +23,11 @@ class SelfInstructConfig:
     """Every setting of a run: each field is one flag of ``generate_instruction.py``, with its default
     and its help line (the ``Args:`` section of ``generate_instruction.py --help`` is generated from it).
 
-    Adding a knob takes three edits:
+    ``generate_instruction.py``'s signature and ``--help`` are built from this table by ``@flags_from``
+    (alpaca/core/settings.py). Adding a knob takes three edits:
       1. a ``setting(...)`` field here (default, help line);
-      2. the same name and default in ``generate_instruction_following_data``'s signature (fire reads the
-         signature; tests/test_settings.py checks that it agrees with this table);
-      3. the code that uses ``config.<name>`` (and a check in ``problems`` if some values are invalid).
+      2. the code that uses ``config.<name>`` (and a check in ``problems`` if some values are invalid);
+      3. its row in docs/generate_instruction.md (tests/test_settings.py checks the rows).
     """
 
     output_dir: str = setting(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from alpaca.inference.decoding import DecodingSettings
 from alpaca.inference.generation import ResponseGenerator
+from alpaca.inference.settings import GenerateConfig
 from alpaca.serving.rows import Job, Row, RowSettings
 
 logger = logging.getLogger(__name__)
@@ -196,9 +197,9 @@ class BatchScheduler:
     def __init__(
         self,
         generator: ResponseGenerator,
-        max_batch_size: int = 8,
-        max_queue_size: int = 64,
-        max_wait_ms: float = 20.0,
+        max_batch_size: int = GenerateConfig.max_batch_size,
+        max_queue_size: int = GenerateConfig.max_queue_size,
+        max_wait_ms: float = GenerateConfig.max_wait_ms,
     ):
         self.generator = generator
         self.tokenizer = generator.tokenizer

@@ -70,8 +70,8 @@ class ServingConfig:
     """
 
     model_id: str
-    chat_format: str = "template"
-    default_max_tokens: int = 128
+    chat_format: str
+    default_max_tokens: int
 
 
 def _invalid(name: str, message: str, code: str = "invalid_value") -> APIError:

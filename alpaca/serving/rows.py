@@ -8,13 +8,16 @@ run together and gives them their tokens.
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from alpaca.inference.decoding import held_back
+from alpaca.inference.decoding import StreamDecoder, held_back
+
+logger = logging.getLogger(__name__)
 
 # Prompt tokens decoded in front of the generated ones, so that a reply's first characters (a
 # sentencepiece word's leading space) decode as they do after the whole prompt.
@@ -91,7 +94,7 @@ class Row:
         self.text = ""
         self.finish_reason: str | None = None
         self.step_logprobs = None
-        self._context_text: str | None = None
+        self._text_decoder: StreamDecoder | None = None
 
     @property
     def finished(self) -> bool:
@@ -134,14 +137,10 @@ class Row:
             top = list(zip(best.indices.tolist(), best.values.tolist()))
         return TokenLogprob(token, float(values[token]), top)
 
-    def _decode(self, tokenizer) -> str:
-        context = self.prompt_ids[-CONTEXT_TOKENS:]
-        if self._context_text is None:
-            self._context_text = tokenizer.decode(context, skip_special_tokens=True)
-        full = tokenizer.decode(context + self.token_ids, skip_special_tokens=True)
-        if full.startswith(self._context_text):
-            return full[len(self._context_text) :]
-        return tokenizer.decode(self.token_ids, skip_special_tokens=True)
+    def _decoder(self, tokenizer) -> StreamDecoder:
+        if self._text_decoder is None:
+            self._text_decoder = StreamDecoder(tokenizer, self.prompt_ids[-CONTEXT_TOKENS:])
+        return self._text_decoder
 
     def _tail_has_stop(self, tokenizer) -> bool:
         """Whether the newest tokens hold a stop string: every token decodes to at least one byte, so
@@ -155,15 +154,31 @@ class Row:
 
     def _update_text(self, tokenizer, final: bool) -> bool:
         """Decode the reply so far, send its new part to a streaming client; True if a stop string
-        ended it. Rows that do not stream are decoded in full only at the end or at a stop string."""
+        ended it. Rows that do not stream are decoded in full only at the end or at a stop string.
+
+        Whether a stop string ends the reply is decided on the whole text, as for a row that does not
+        stream; a stream shows only the settled part of the rest (`StreamDecoder.settled_text`), so
+        every delta extends what was sent and the deltas add up to the non-streamed reply."""
         if not final and not self.job.stream and not self._tail_has_stop(tokenizer):
             return False
-        shown, stopped = visible_text(self._decode(tokenizer), self.settings.stop, self.settings.strip, final)
+        decoder = self._decoder(tokenizer)
+        shown, stopped = visible_text(
+            decoder.text(self.token_ids), self.settings.stop, self.settings.strip, final
+        )
         if not self.job.stream:
             self.text = shown
-        elif shown.startswith(self.text) and len(shown) > len(self.text):
+            return stopped
+        if not final and not stopped:
+            shown = visible_text(
+                decoder.settled_text(self.token_ids), self.settings.stop, self.settings.strip, False
+            )[0]
+        if shown.startswith(self.text) and len(shown) > len(self.text):
             delta, self.text = shown[len(self.text) :], shown
             self.job.events.put(("delta", self, delta))
+        elif not shown.startswith(self.text):
+            logger.error(
+                "stream of row %d diverged from its text: %r sent, %r now", self.index, self.text, shown
+            )
         return stopped
 
 

@@ -21,6 +21,7 @@ from urllib.parse import unquote
 
 from alpaca.inference.decoding import GenerationLimits, max_input_chars
 from alpaca.inference.generation import ResponseGenerator
+from alpaca.inference.settings import GenerateConfig
 from alpaca.serving.batching import BatchScheduler, QueueFull
 from alpaca.serving.openai_protocol import (
     CHAT_FORMATS,
@@ -36,7 +37,7 @@ API_KEY_ENV = "ALPACA_API_KEY"
 POLL_S = 0.1
 
 
-def resolve_api_key(api_key: str = "") -> str | None:
+def server_api_key(api_key: str = "") -> str | None:
     """`--api_key`, else $ALPACA_API_KEY (which keeps it out of the shell history); None: no key."""
     key = api_key or os.environ.get(API_KEY_ENV, "")
     if not isinstance(key, str):
@@ -110,11 +111,11 @@ def launch_api(
     generator: ResponseGenerator,
     server: ApiServer | None = None,
     model_id: str = "",
-    chat_format: str = "template",
-    default_max_tokens: int = 128,
-    max_batch_size: int = 8,
-    max_queue_size: int = 64,
-    max_wait_ms: float = 20.0,
+    chat_format: str = GenerateConfig.chat_format,
+    default_max_tokens: int = GenerateConfig.max_new_tokens,
+    max_batch_size: int = GenerateConfig.max_batch_size,
+    max_queue_size: int = GenerateConfig.max_queue_size,
+    max_wait_ms: float = GenerateConfig.max_wait_ms,
     **server_kwargs,
 ) -> ApiServer:
     """Serve `generator` on `server` (or a new `ApiServer(**server_kwargs)`); returns it, serving."""
@@ -158,18 +159,18 @@ def check_api_flags(
 def start_api(server_name: str, server_port: int, api_key: str, limits: GenerationLimits) -> ApiServer:
     """Bind the API's port before the model loads (requests get 503 until `serve_api`); a busy port
     is an error now rather than after a long load."""
-    return ApiServer(server_name, server_port, resolve_api_key(api_key), request_body_limit(limits))
+    return ApiServer(server_name, server_port, server_api_key(api_key), request_body_limit(limits))
 
 
 def serve_api(
     server: ApiServer,
     generator: ResponseGenerator,
-    default_max_tokens: int = 128,
-    chat_format: str = "template",
+    default_max_tokens: int = GenerateConfig.max_new_tokens,
+    chat_format: str = GenerateConfig.chat_format,
     served_model_name: str = "",
-    max_batch_size: int = 8,
-    max_queue_size: int = 64,
-    max_wait_ms: float = 20.0,
+    max_batch_size: int = GenerateConfig.max_batch_size,
+    max_queue_size: int = GenerateConfig.max_queue_size,
+    max_wait_ms: float = GenerateConfig.max_wait_ms,
 ) -> None:
     """Serve `generator` on `server` until Ctrl-C, logging each request line and status to stderr."""
     try:

@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from alpaca.core.locks import locks_output
 from alpaca.core.staging import prepare_output_path, staged_output
 from alpaca.modeling import (
     PAD_TOKEN,
@@ -286,6 +287,7 @@ def streamed_weights(folder: Path | None, layout: ModelLayout, max_shard_size: i
         writer.abort()
 
 
+@locks_output("--path_diff", lambda arguments: arguments["path_diff"])
 def make_diff(
     path_raw: str,
     path_tuned: str,
@@ -364,6 +366,7 @@ def recovery_folder(out: Path | None, needed: bool):
         yield None
 
 
+@locks_output("--path_tuned", lambda arguments: arguments["path_tuned"])
 def recover(
     path_raw: str,
     path_diff: str,

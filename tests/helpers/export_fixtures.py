@@ -71,6 +71,30 @@ def read_gguf(path) -> tuple[dict, dict]:
     return kv, tensors
 
 
+# The header keys llama.cpp's legacy converter (Meta layout) writes as its HF converter does, for any
+# vocabulary; each test adds the tokenizer keys of its vocabulary type.
+LEGACY_HEADER_KEYS = (
+    "llama.block_count",
+    "llama.embedding_length",
+    "llama.feed_forward_length",
+    "llama.attention.head_count",
+    "llama.attention.head_count_kv",
+    "llama.rope.freq_base",
+    "llama.attention.layer_norm_rms_epsilon",
+    "llama.rope.dimension_count",
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.tokens",
+)
+
+
+def assert_same_header(ours: dict, reference: dict, keys=None) -> None:
+    """Two GGUF headers (`read_gguf`'s key -> value) agree on every key, or on `keys`; the message
+    names each key that differs."""
+    keys = sorted(set(ours) | set(reference)) if keys is None else keys
+    differing = [key for key in keys if ours.get(key) != reference.get(key)]
+    assert differing == [], f"GGUF header keys differ from llama.cpp's conversion: {differing}"
+
+
 def assert_same_tensors(ours: dict, reference: dict) -> None:
     import numpy as np
 

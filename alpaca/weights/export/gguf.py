@@ -9,6 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from alpaca.core.locks import locks_output
 from alpaca.core.staging import prepare_output_path, staged_output
 from alpaca.modeling import load_plain_tokenizer
 from alpaca.weights.export.core import (
@@ -320,6 +321,9 @@ def default_gguf_path(outtype: str) -> str:
     return f"./alpaca-lora-{outtype}.gguf"
 
 
+@locks_output(
+    "--output_file", lambda arguments: arguments["output_file"] or default_gguf_path(arguments["outtype"])
+)
 def export_gguf(
     base_model: str,
     lora_weights: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alpaca.core.locks import locks_output
 from alpaca.core.staging import prepare_output_path, staged_output
 from alpaca.modeling import load_base_model, resolve_dtype
 from alpaca.weights.export.core import (
@@ -30,6 +31,7 @@ def save_hf_folder(merged: MergedModel, output_dir: Path, max_shard_size: str) -
         merged.model.generation_config.save_pretrained(output_dir)
 
 
+@locks_output("--output_dir", lambda arguments: arguments["output_dir"])
 def export_hf(
     base_model: str,
     lora_weights: str,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from alpaca.core.locks import locks_output
 from alpaca.core.staging import prepare_output_path, staged_output
 from alpaca.weights.export.core import (
     announce,
@@ -149,6 +150,7 @@ def write_added_tokens(tokenizer, output_dir: Path) -> dict:
     return added
 
 
+@locks_output("--output_dir", lambda arguments: arguments["output_dir"])
 def export_meta(
     base_model: str,
     lora_weights: str,
