@@ -28,9 +28,10 @@ from alpaca.export.core import (
     precision_or_alias,
     resolve_export_inputs,
 )
-from alpaca.export.gguf import GGUF_OUTTYPES, export_gguf
+from alpaca.export.gguf import export_gguf
 from alpaca.export.hf import export_hf
 from alpaca.export.meta import export_meta, meta_ffn_params, meta_params
+from alpaca.export.quantize import GGUF_OUTTYPES
 
 __all__ = [
     "GGUF_OUTTYPES",
