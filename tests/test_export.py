@@ -331,8 +331,8 @@ def test_gguf_export_refuses_to_overwrite_and_bad_outtype(tiny_llama, tiny_llama
     existing.write_bytes(b"GGUF")
     with pytest.raises(ValueError, match="--output_file=.*--overwrite"):
         export_gguf(tiny_llama, tiny_llama_adapter, str(existing))
-    with pytest.raises(ValueError, match="--outtype='q4_0'"):
-        export_gguf(tiny_llama, tiny_llama_adapter, str(tmp_path / "m.gguf"), outtype="q4_0")
+    with pytest.raises(ValueError, match="--outtype='q3_k'"):
+        export_gguf(tiny_llama, tiny_llama_adapter, str(tmp_path / "m.gguf"), outtype="q3_k")
     assert existing.read_bytes() == b"GGUF"
 
 

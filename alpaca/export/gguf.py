@@ -358,7 +358,7 @@ def export_gguf(
     if vocab_type == "bpe":
         bpe_pre_tokenizer(inputs.tokenizer)  # an unknown pre-tokenizer is refused before the merge
     prompt_format = resolve_prompt_format(lora_weights, prompt_template)
-    modelfile = prepare_modelfile_path(path, overwrite) if ollama else None
+    modelfile = prepare_modelfile_path(path, overwrite, prompt_format) if ollama else None
     announce(
         "export_gguf", **inputs.source(), output_file=str(path), outtype=outtype, dtype=inputs.dtype_name
     )

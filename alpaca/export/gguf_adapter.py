@@ -201,7 +201,7 @@ def export_adapter_gguf(
         if vocab_type == "bpe":
             bpe_pre_tokenizer(inputs.tokenizer)
     prompt_format = resolve_prompt_format(lora_weights, prompt_template)
-    modelfile = prepare_modelfile_path(path, overwrite) if ollama else None
+    modelfile = prepare_modelfile_path(path, overwrite, prompt_format) if ollama else None
     announce(
         "export_gguf --adapter_only",
         **inputs.source(),

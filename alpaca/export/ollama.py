@@ -27,8 +27,10 @@ MODELFILE = "Modelfile"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
-def prepare_modelfile_path(gguf_path: Path, overwrite: bool) -> Path:
-    """The Modelfile beside the GGUF; refused when one exists (unless --overwrite) or is a folder."""
+def prepare_modelfile_path(gguf_path: Path, overwrite: bool, prompt_format: PromptFormat) -> Path:
+    """The Modelfile beside the GGUF; refused when one exists (unless --overwrite) or is a folder, or
+    when the prompt format has no TEMPLATE a Modelfile can hold (checked now, before any weights load)."""
+    checked_template(prompt_format)
     path = Path(gguf_path).parent / MODELFILE
     if path.is_dir():
         raise ValueError(f"--ollama: {path} is a folder; the Modelfile goes beside the .gguf file")
@@ -44,13 +46,15 @@ def go_text(text: str) -> str:
 
 
 def go_fill(prompt: str, fields: dict) -> str:
-    """A Python format string (the prompter's) as Go-template text, each `{field}` as the given action."""
-    parts = []
-    for literal, field, _, _ in string.Formatter().parse(prompt):
-        parts.append(go_text(literal))
+    """A Python format string (the prompter's) as Go-template text, each `{field}` as the given action.
+    (The parser returns an escaped `{{` as separate pieces of literal text: join them before escaping.)"""
+    parts, literal = [], ""
+    for text, field, _, _ in string.Formatter().parse(prompt):
+        literal += text
         if field is not None:
-            parts.append(fields[field])
-    return "".join(parts)
+            parts += [go_text(literal), fields[field]]
+            literal = ""
+    return "".join(parts) + go_text(literal)
 
 
 def alpaca_go_template(template: dict) -> str:
@@ -100,13 +104,21 @@ def quoted(value: str) -> str:
     return f'"{value}"'
 
 
+def checked_template(prompt_format: PromptFormat) -> str:
+    """The TEMPLATE, refused when it holds three double quotes (a Modelfile cannot quote it)."""
+    template = ollama_template(prompt_format)
+    if '"""' in template:
+        raise ValueError(
+            f'--ollama: the prompt template {prompt_format.name!r} holds """, which a Modelfile TEMPLATE cannot quote'
+        )
+    return template
+
+
 def ollama_modelfile(
     model_path: str, adapter_path: str | None, prompt_format: PromptFormat, tokenizer
 ) -> str:
     """The Modelfile text: FROM (and ADAPTER), TEMPLATE, stop strings and sampling parameters."""
-    template = ollama_template(prompt_format)
-    if '"""' in template:
-        raise ValueError('the prompt template holds """, which an Ollama TEMPLATE cannot quote')
+    template = checked_template(prompt_format)
     lines = [
         f"# Written by export_gguf.py --ollama; prompt template {prompt_format.name!r} ({prompt_format.source}).",
         "# ollama create NAME -f Modelfile && ollama run NAME",
