@@ -130,6 +130,7 @@ def write_quantized_gguf(
         merged.input_ids,
         weights,
         base_weights,
+        changed,
         prompt_format.prompter(),
         outtype,
     )
