@@ -410,7 +410,18 @@ def test_scripts_show_typed_flags_and_import_nothing_heavy():
             ["--base_model", "--max_shard_size", "--precision", "--dtype", "--overwrite"],
         ),
         ("export_state_dict_checkpoint.py", ["--base_model", "--lora_weights", "--output_dir"]),
-        ("export_gguf.py", ["--output_file", "--outtype", "--precision", "--model_name"]),
+        (
+            "export_gguf.py",
+            [
+                "--output_file",
+                "--outtype",
+                "--precision",
+                "--model_name",
+                "--adapter_only",
+                "--ollama",
+                "--prompt_template",
+            ],
+        ),
     ):
         result = subprocess.run(
             [sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120

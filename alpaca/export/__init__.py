@@ -10,7 +10,10 @@
   converter; q/k are un-permuted from the HF rotary layout and the result is permuted back and compared.
 - `export_gguf`: a GGUF file for llama.cpp written with the `gguf` package (llama.cpp's own), laid out as
   llama.cpp's `convert_hf_to_gguf.py` lays out a LLaMA, sentencepiece or BPE vocabulary; it is read back
-  and compared tensor by tensor.
+  and compared tensor by tensor. Quantized types follow llama.cpp's per-tensor rules (`quantize`); a
+  quantized file is dequantized and measured against the merged model (`gguf_quantized`). The LoRA
+  adapter can be its own GGUF (`gguf_adapter`), and an Ollama Modelfile can go beside the file
+  (`ollama`, with the training prompt's identity from `prompt_format`).
 
 Every export checks all its arguments and inputs first, then merges, then checks that the merged model's
 logits equal the adapter model's, measured against the adapter's own effect on the logits (so an update
