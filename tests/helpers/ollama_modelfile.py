@@ -1,0 +1,124 @@
+"""Read an Ollama Modelfile and fill its TEMPLATE, independently of the code that writes them.
+
+`parse_modelfile` follows Ollama's own parser (parser/parser.go, `ParseFile`): a directive name, then a
+value that ends at a line break once it unquotes (`"..."` or `\"\"\"...\"\"\"`, quotes stripped, no
+escapes), `#` comments, `PARAMETER name value`. `render` implements the subset of Go's text/template
+that the written TEMPLATE may use (`{{ .Field }}`, `{{ if .Field }} ... {{ else }} ... {{ end }}`,
+`{{ "literal" }}`) and raises on anything else, so a TEMPLATE using more fails the tests.
+"""
+
+from __future__ import annotations
+
+import re
+
+COMMANDS = {
+    "from",
+    "license",
+    "template",
+    "system",
+    "adapter",
+    "draft",
+    "renderer",
+    "parser",
+    "parameter",
+    "message",
+    "requires",
+}
+
+
+def unquote(value: str) -> tuple[str, bool]:
+    if value.startswith('"""'):
+        return (value[3:-3], True) if len(value) >= 6 and value.endswith('"""') else ("", False)
+    if value.startswith('"'):
+        return (value[1:-1], True) if len(value) >= 2 and value.endswith('"') else ("", False)
+    return value, True
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(command, value) pairs in order; FROM is named `model`, a PARAMETER by its own name."""
+    commands, state, buffer, name = [], "nil", "", ""
+    for char in text:
+        newline, space = char in "\r\n", char in " \t"
+        if state == "nil":
+            if char == "#":
+                state = "comment"
+            elif not (space or newline):
+                state, buffer = "name", char
+        elif state == "comment":
+            state = "nil" if newline else "comment"
+        elif state == "name":
+            if char.isascii() and char.isalpha():
+                buffer += char
+            elif space and buffer.lower() in COMMANDS:
+                command = buffer.lower()
+                state = "parameter" if command == "parameter" else "value"
+                name, buffer = ("model" if command == "from" else command), ""
+            else:
+                raise ValueError(f"not a Modelfile command: {buffer + char!r}")
+        elif state == "parameter":
+            if char.isascii() and (char.isalnum() or char == "_"):
+                buffer += char
+            elif space:
+                name, state, buffer = buffer, "value", ""
+            else:
+                raise ValueError(f"bad parameter name {buffer + char!r}")
+        elif newline or space:
+            value, complete = unquote(buffer.strip())
+            if not complete or space:
+                buffer += char
+            else:
+                commands.append((name, value))
+                state, buffer = "nil", ""
+        else:
+            buffer += char
+    if state == "value":
+        value, complete = unquote(buffer.strip())
+        if not complete:
+            raise ValueError("unexpected end of the Modelfile inside a quoted value")
+        commands.append((name, value))
+    elif state not in ("nil", "comment"):
+        raise ValueError("unexpected end of the Modelfile")
+    if not any(command == "model" for command, _ in commands):
+        raise ValueError("no FROM line")
+    return commands
+
+
+ACTION = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+
+
+def render(template: str, values: dict) -> str:
+    """Fill a Go template of the supported subset; an empty string is false, as in Go."""
+    pieces = ACTION.split(template)  # text, action, text, action, ...
+    output, stack = [], []  # stack of (condition true?, in else branch?)
+
+    def active() -> bool:
+        return all(taken != in_else for taken, in_else in stack)
+
+    for index, piece in enumerate(pieces):
+        if index % 2 == 0:
+            if active():
+                output.append(piece)
+            continue
+        action = piece.strip()
+        if piece.startswith("-") or piece.endswith("-"):
+            raise ValueError(f"whitespace trimming is outside the supported subset: {{{{{piece}}}}}")
+        if match := re.fullmatch(r"if \.(\w+)", action):
+            stack.append((bool(values.get(match[1], "")), False))
+        elif action == "else":
+            taken, in_else = stack.pop()
+            if in_else:
+                raise ValueError("two else branches")
+            stack.append((taken, True))
+        elif action == "end":
+            stack.pop()
+        elif match := re.fullmatch(r"\.(\w+)", action):
+            if active():
+                output.append(values.get(match[1], ""))
+        elif match := re.fullmatch(r'"((?:[^"\\]|\\.)*)"', action):
+            if active():
+                output.append(match[1].encode().decode("unicode_escape"))
+        else:
+            raise ValueError(f"template action outside the supported subset: {{{{{piece}}}}}")
+    if stack:
+        raise ValueError("an if without end")
+    return "".join(output)
