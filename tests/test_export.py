@@ -555,7 +555,7 @@ def test_unknown_bpe_pre_tokenizer_is_refused_before_the_merge(tiny_llama, tmp_p
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    import alpaca.weights.export.gguf
+    import alpaca.weights.export.gguf_export
 
     base = tmp_path / "bpe-llama"
     shutil.copytree(tiny_llama, base)
@@ -574,7 +574,7 @@ def test_unknown_bpe_pre_tokenizer_is_refused_before_the_merge(tiny_llama, tmp_p
     def no_merge(*args, **kwargs):
         raise AssertionError("the merge started before the refusal")
 
-    monkeypatch.setattr(alpaca.weights.export.gguf, "load_and_merge", no_merge)
+    monkeypatch.setattr(alpaca.weights.export.gguf_export, "load_and_merge", no_merge)
     with pytest.raises(ValueError, match="pre-tokenizer is not one this export knows"):
         export_gguf(str(base), adapter, str(tmp_path / "out.gguf"))
     assert not (tmp_path / "out.gguf").exists()
