@@ -1,15 +1,13 @@
-"""Read an Ollama Modelfile and fill its TEMPLATE, independently of the code that writes them.
+"""Read an Ollama Modelfile, independently of the code that writes it.
 
 `parse_modelfile` follows Ollama's own parser (parser/parser.go, `ParseFile`): a directive name, then a
 value that ends at a line break once it unquotes (`"..."` or `\"\"\"...\"\"\"`, quotes stripped, no
-escapes), `#` comments, `PARAMETER name value`. `render` implements the subset of Go's text/template
-that the written TEMPLATE may use (`{{ .Field }}`, `{{ if .Field }} ... {{ else }} ... {{ end }}`,
-`{{ "literal" }}`) and raises on anything else, so a TEMPLATE using more fails the tests.
+escapes), `#` comments, `PARAMETER name value`. The TEMPLATE is filled by the renderer of the
+Go-template subset in `alpaca.weights.export.go_template` (the export checks its TEMPLATE with it before
+writing), whose own tests are in tests/test_export_ollama.py.
 """
 
 from __future__ import annotations
-
-import re
 
 COMMANDS = {
     "from",
@@ -81,44 +79,3 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
     if not any(command == "model" for command, _ in commands):
         raise ValueError("no FROM line")
     return commands
-
-
-ACTION = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
-
-
-def render(template: str, values: dict) -> str:
-    """Fill a Go template of the supported subset; an empty string is false, as in Go."""
-    pieces = ACTION.split(template)  # text, action, text, action, ...
-    output, stack = [], []  # stack of (condition true?, in else branch?)
-
-    def active() -> bool:
-        return all(taken != in_else for taken, in_else in stack)
-
-    for index, piece in enumerate(pieces):
-        if index % 2 == 0:
-            if active():
-                output.append(piece)
-            continue
-        action = piece.strip()
-        if piece.startswith("-") or piece.endswith("-"):
-            raise ValueError(f"whitespace trimming is outside the supported subset: {{{{{piece}}}}}")
-        if match := re.fullmatch(r"if \.(\w+)", action):
-            stack.append((bool(values.get(match[1], "")), False))
-        elif action == "else":
-            taken, in_else = stack.pop()
-            if in_else:
-                raise ValueError("two else branches")
-            stack.append((taken, True))
-        elif action == "end":
-            stack.pop()
-        elif match := re.fullmatch(r"\.(\w+)", action):
-            if active():
-                output.append(values.get(match[1], ""))
-        elif match := re.fullmatch(r'"((?:[^"\\]|\\.)*)"', action):
-            if active():
-                output.append(match[1].encode().decode("unicode_escape"))
-        else:
-            raise ValueError(f"template action outside the supported subset: {{{{{piece}}}}}")
-    if stack:
-        raise ValueError("an if without end")
-    return "".join(output)

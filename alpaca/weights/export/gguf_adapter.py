@@ -53,7 +53,14 @@ def check_adapter_for_gguf(adapter_config: dict | None, inputs) -> None:
     if adapter_config.get("modules_to_save") or adapter_config.get("trainable_token_indices"):
         problems.append("it trains whole modules or token rows besides the LoRA matrices")
     if len(inputs.tokenizer) > inputs.config.vocab_size:
-        problems.append("training added tokens to the vocabulary")
+        added = inputs.tokenizer.convert_ids_to_tokens(
+            list(range(inputs.config.vocab_size, len(inputs.tokenizer)))
+        )
+        problems.append(
+            f"training added {len(added)} tokens to the vocabulary ({', '.join(added[:4])}"
+            f"{', ...' if len(added) > 4 else ''}; a chat format such as --chat_template=chatml adds its "
+            "markers), and a LoRA GGUF cannot carry their embedding rows"
+        )
     if problems:
         raise ValueError(
             f"--adapter_only: the adapter cannot be a llama.cpp LoRA GGUF: {'; '.join(problems)}; "
@@ -200,7 +207,8 @@ def export_adapter_gguf(
         if vocab_type == "bpe":
             bpe_pre_tokenizer(inputs.tokenizer)
     prompt_format = resolve_prompt_format(lora_weights, prompt_template)
-    modelfile = prepare_modelfile_path(path, overwrite, prompt_format) if ollama else None
+    inputs.tokenizer.chat_template = prompt_format.chat_template
+    modelfile = prepare_modelfile_path(path, overwrite, prompt_format, inputs.tokenizer) if ollama else None
     announce(
         "export_gguf --adapter_only",
         **inputs.source(),
@@ -260,4 +268,4 @@ def export_adapter_gguf(
         print(f"wrote the base GGUF ({outtype}) to {base_path}")
     if modelfile is not None:
         print(f"wrote {modelfile}: ollama create NAME -f {modelfile}")
-    return dict(info, prompt_template=prompt_format.name)
+    return dict(info, prompt_template=prompt_format.name, training_format=prompt_format.kind)

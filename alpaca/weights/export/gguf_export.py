@@ -83,7 +83,8 @@ def export_gguf(
     if vocab_type == "bpe":
         bpe_pre_tokenizer(inputs.tokenizer)  # an unknown pre-tokenizer is refused before the merge
     prompt_format = resolve_prompt_format(lora_weights, prompt_template)
-    modelfile = prepare_modelfile_path(path, overwrite, prompt_format) if ollama else None
+    inputs.tokenizer.chat_template = prompt_format.chat_template  # the file and the Modelfile agree
+    modelfile = prepare_modelfile_path(path, overwrite, prompt_format, inputs.tokenizer) if ollama else None
     announce(
         "export_gguf", **inputs.source(), output_file=str(path), outtype=outtype, dtype=inputs.dtype_name
     )
@@ -121,4 +122,5 @@ def export_gguf(
         adapter_effect=merged.adapter_effect,
         max_logit_diff_merged=merged.max_logit_diff,
         prompt_template=prompt_format.name,
+        training_format=prompt_format.kind,
     )

@@ -133,6 +133,7 @@ def write_quantized_gguf(
         changed,
         prompt_format.prompter(),
         outtype,
+        prompt_format.loss_chat_template(),
     )
     check_quantization_cost(cost)
     return len(tensors), cost

@@ -3,10 +3,14 @@ Ollama's Go-template syntax that renders exactly the prompt the model was traine
 parameter for each of the template's turn markers and the end-of-turn token, and generate.py's
 sampling defaults.
 
-Ollama fills a TEMPLATE with `.System`, `.Prompt` and `.Response`. An Alpaca prompt has an instruction
-and an optional input, so: without a system message the prompt is the instruction (`prompt_no_input`);
-with one, the system message is the instruction and the prompt is its input (`prompt_input`), e.g.
-`ollama run` with `/set system Summarize this text.` followed by the text.
+The format is the adapter's recorded one (`prompt_format`). An Alpaca prompt template becomes the
+older-style TEMPLATE that Ollama fills with `.System`, `.Prompt` and `.Response`, in the convention of
+the Jinja template every export carries (`alpaca.core.chat.alpaca_chat_template`), so that llama.cpp's
+chat and Ollama agree: the user message is the instruction; a system message is its input
+(`prompt_input`), e.g. `ollama run` with `/set system <the text>` and then the instruction; an answer is
+followed by EOS, as training appended it. A Jinja chat template is probed into a `.Messages` TEMPLATE
+(`ollama_chat`). Either TEMPLATE is checked, before any weights load, to render the Jinja template's
+text for the probe chats, 15 held-out conversations and 15 held-out Alpaca records.
 
 Ollama's Modelfile parser (parser/parser.go) has no escapes: a value ends at the end of its line unless
 it is quoted, in double quotes on one line or in triple double quotes over several; the quotes are
@@ -20,29 +24,30 @@ import inspect
 import string
 from pathlib import Path
 
+from alpaca.core.chat import END_OF_TURN_TOKENS, end_of_turn_ids
+from alpaca.inference.decoding import make_settings, template_stop_strings
+from alpaca.weights.export.ollama_chat import (
+    CannotExpress,
+    chat_go_template,
+    check_go_template,
+    go_literal,
+    probe_chat_template,
+)
 from alpaca.weights.export.prompt_format import PromptFormat
 
 MODELFILE = "Modelfile"
-# Tokens that end a turn in the chat formats of the LLaMA family, besides the tokenizer's EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
-def prepare_modelfile_path(gguf_path: Path, overwrite: bool, prompt_format: PromptFormat) -> Path:
+def prepare_modelfile_path(gguf_path: Path, overwrite: bool, prompt_format: PromptFormat, tokenizer) -> Path:
     """The Modelfile beside the GGUF; refused when one exists (unless --overwrite) or is a folder, or
-    when the prompt format has no TEMPLATE a Modelfile can hold (checked now, before any weights load)."""
-    checked_template(prompt_format)
+    when the format has no TEMPLATE a Modelfile can hold (checked now, before any weights load)."""
+    checked_template(prompt_format, tokenizer)
     path = Path(gguf_path).parent / MODELFILE
     if path.is_dir():
         raise ValueError(f"--ollama: {path} is a folder; the Modelfile goes beside the .gguf file")
     if path.exists() and not overwrite:
         raise ValueError(f"--ollama: {path} exists; pass --overwrite to replace it")
     return path
-
-
-def go_text(text: str) -> str:
-    """Literal text for a Go template: only `{{` would start an action, so it becomes an action that
-    prints it."""
-    return text.replace("{{", '{{ "{{" }}')
 
 
 def go_fill(prompt: str, fields: dict) -> str:
@@ -52,33 +57,44 @@ def go_fill(prompt: str, fields: dict) -> str:
     for text, field, _, _ in string.Formatter().parse(prompt):
         literal += text
         if field is not None:
-            parts += [go_text(literal), fields[field]]
+            parts += [go_literal(literal), fields[field]]
             literal = ""
-    return "".join(parts) + go_text(literal)
+    return "".join(parts) + go_literal(literal)
 
 
-def alpaca_go_template(template: dict) -> str:
-    """An Alpaca prompt template (templates/*.json) as an Ollama TEMPLATE."""
-    with_input = go_fill(template["prompt_input"], {"instruction": "{{ .System }}", "input": "{{ .Prompt }}"})
+def alpaca_go_template(template: dict, eos_token: str | None = None) -> str:
+    """An Alpaca prompt template (templates/*.json) as an Ollama TEMPLATE: the user message is the
+    instruction, a system message its input (as in `alpaca_chat_template`); an answer of an earlier
+    exchange is followed by `eos_token`."""
+    with_input = go_fill(template["prompt_input"], {"instruction": "{{ .Prompt }}", "input": "{{ .System }}"})
     no_input = go_fill(template["prompt_no_input"], {"instruction": "{{ .Prompt }}"})
-    return f"{{{{ if .System }}}}{with_input}{{{{ else }}}}{no_input}{{{{ end }}}}{{{{ .Response }}}}"
+    end = f"{{{{ if .Response }}}}{go_literal(eos_token)}{{{{ end }}}}" if eos_token else ""
+    return f"{{{{ if .System }}}}{with_input}{{{{ else }}}}{no_input}{{{{ end }}}}{{{{ .Response }}}}{end}"
 
 
-def ollama_template(prompt_format: PromptFormat) -> str:
-    """The Ollama TEMPLATE that renders the training prompt of `prompt_format`."""
-    if prompt_format.kind == "alpaca":
-        return alpaca_go_template(prompt_format.prompter().template)
-    raise ValueError(f"no Ollama TEMPLATE for a {prompt_format.kind!r} prompt format yet")
+def ollama_template(prompt_format: PromptFormat, tokenizer) -> str:
+    """The Ollama TEMPLATE that renders the training prompt of `prompt_format`, unchecked."""
+    if prompt_format.is_chat:
+        return chat_go_template(probe_chat_template(prompt_format.chat_template, tokenizer))
+    return alpaca_go_template(prompt_format.prompter().template, tokenizer.eos_token)
+
+
+def format_label(prompt_format: PromptFormat) -> str:
+    kind = "chat template" if prompt_format.is_chat else "prompt template"
+    return f"the {kind} {prompt_format.name!r}"
 
 
 def stop_strings(prompt_format: PromptFormat, tokenizer) -> list[str]:
-    """The template's turn markers (as generate.py stops at them), then the EOS and end-of-turn tokens."""
-    from alpaca.inference.decoding import template_stop_strings
-
-    stops = list(template_stop_strings(prompt_format.prompter().template))
-    vocab = tokenizer.get_vocab()
+    """The prompt template's turn markers (as generate.py stops at them) or the chat template's end of an
+    assistant turn, then the EOS and the end-of-turn tokens the tokenizer knows."""
+    if prompt_format.is_chat:
+        shape = probe_chat_template(prompt_format.chat_template, tokenizer)
+        stops = [shape.assistant_suffix.strip()] if shape.assistant_suffix.strip() else []
+    else:
+        stops = list(template_stop_strings(prompt_format.prompter().template))
     stops += [tokenizer.eos_token] if tokenizer.eos_token else []
-    stops += [token for token in END_OF_TURN_TOKENS if token in vocab]
+    ids = sorted(end_of_turn_ids(tokenizer) - {tokenizer.eos_token_id})
+    stops += [token for token in tokenizer.convert_ids_to_tokens(ids) if token in END_OF_TURN_TOKENS]
     return list(dict.fromkeys(stops))
 
 
@@ -86,8 +102,6 @@ def sampling_parameters() -> dict:
     """generate.py's sampling defaults (they are `make_settings`'s) under Ollama's parameter names.
     Beam search (generate.py's num_beams) has no Ollama counterpart; generate.py applies no repetition
     penalty, while Ollama's default is 1.1, hence repeat_penalty 1."""
-    from alpaca.inference.decoding import make_settings
-
     defaults = {name: p.default for name, p in inspect.signature(make_settings).parameters.items()}
     return {
         "temperature": defaults["temperature"],
@@ -104,13 +118,17 @@ def quoted(value: str) -> str:
     return f'"{value}"'
 
 
-def checked_template(prompt_format: PromptFormat) -> str:
-    """The TEMPLATE, refused when it holds three double quotes (a Modelfile cannot quote it)."""
-    template = ollama_template(prompt_format)
+def checked_template(prompt_format: PromptFormat, tokenizer) -> str:
+    """The TEMPLATE, checked to render the Jinja template's text (`ollama_chat.check_go_template`) and
+    to fit in a Modelfile; one line saying why when not."""
+    label = format_label(prompt_format)
+    try:
+        template = ollama_template(prompt_format, tokenizer)
+        check_go_template(template, prompt_format.chat_template, tokenizer, label)
+    except CannotExpress as err:
+        raise ValueError(f"--ollama: no Ollama TEMPLATE renders {label} exactly: {err}") from err
     if '"""' in template:
-        raise ValueError(
-            f'--ollama: the prompt template {prompt_format.name!r} holds """, which a Modelfile TEMPLATE cannot quote'
-        )
+        raise ValueError(f'--ollama: {label} holds """, which a Modelfile TEMPLATE cannot quote')
     return template
 
 
@@ -118,9 +136,9 @@ def ollama_modelfile(
     model_path: str, adapter_path: str | None, prompt_format: PromptFormat, tokenizer
 ) -> str:
     """The Modelfile text: FROM (and ADAPTER), TEMPLATE, stop strings and sampling parameters."""
-    template = checked_template(prompt_format)
+    template = checked_template(prompt_format, tokenizer)
     lines = [
-        f"# Written by export_gguf.py --ollama; prompt template {prompt_format.name!r} ({prompt_format.source}).",
+        f"# Written by export_gguf.py --ollama; {format_label(prompt_format)} ({prompt_format.source}).",
         "# ollama create NAME -f Modelfile && ollama run NAME",
         f"FROM {model_path}",
     ]

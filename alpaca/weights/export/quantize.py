@@ -259,21 +259,22 @@ def measure_quantization(
     full_base_weights: dict,
     prompter,
     outtype: str,
+    chat_template: str | None = None,
 ) -> QuantizationCost:
     """Load the file's dequantized `weights` into `model` (which holds the merged weights, and holds the
     dequantized ones afterwards) and measure them against the merged model: logit error, KL divergence
-    and held-out loss; then swap in the base's tensors quantized alike (`base_weights`: the tensors the
+    and held-out loss (records in `prompter`'s template, or as chats in `chat_template`); then swap in the base's tensors quantized alike (`base_weights`: the tensors the
     adapter changed) and in full precision (`full_base_weights`) for the base's distances."""
     from alpaca.metrics import response_loss
 
     records = held_out_records()
     reference = compute_logits(model, input_ids)
-    loss_merged = response_loss(model, tokenizer, records, prompter)
+    loss_merged = response_loss(model, tokenizer, records, prompter, chat_template=chat_template)
     load_weights(model, full_base_weights)
     base = compute_logits(model, input_ids)
     load_weights(model, weights)
     quantized = compute_logits(model, input_ids)
-    loss_quantized = response_loss(model, tokenizer, records, prompter)
+    loss_quantized = response_loss(model, tokenizer, records, prompter, chat_template=chat_template)
     load_weights(model, base_weights)
     quantized_base = compute_logits(model, input_ids)
     load_weights(model, {name: weights[name] for name in base_weights})
