@@ -2,12 +2,16 @@
 
     python export_gguf.py --base_model=huggyllama/llama-7b --lora_weights=./lora-alpaca \
         --output_file=./alpaca-lora-f16.gguf --outtype=f16
+    python export_gguf.py ... --outtype=q4_0 --ollama       # quantized, with an Ollama Modelfile beside it
+    python export_gguf.py ... --adapter_only --outtype=f16  # the LoRA as its own GGUF (+ the base in f16)
 
 Written with the `gguf` package (maintained by llama.cpp) in the layout of llama.cpp's own
 convert_hf_to_gguf.py: tensors, hyperparameters and the vocabulary (sentencepiece, or BPE with its merges
 and llama.cpp's pre-tokenizer name) with special ids and the chat template. Arguments are checked before
 anything is loaded; the file is written beside the target, read back and compared tensor by tensor with
-the merged weights, and only then moved into place (so a failed --overwrite keeps the old file).
+the merged weights, and only then moved into place (so a failed --overwrite keeps the old file). A
+quantized file is dequantized again and measured against the merged model (logit error, held-out loss);
+it is refused when the quantization wiped out the adapter's update.
 """
 
 from alpaca.core.settings import flags_from
@@ -29,6 +33,9 @@ def main(config: ExportGGUFConfig):
         precision,
         config.model_name or None,
         config.overwrite,
+        adapter_only=config.adapter_only,
+        ollama=config.ollama,
+        prompt_template=config.prompt_template,
     )
 
 

@@ -12,7 +12,9 @@ Scripts and the rooms they use (each script is a thin `fire` entry point over it
                                                similarity, tokens, journal
     evaluate.py                  evaluation/   pairwise, judge, outputs, journal, stats, leaderboard,
                                                loss, exact_match
-    export_*.py, weight_diff.py  weights/      export/ (core, hf, meta, gguf), diffs, files (streamed
+    export_*.py, weight_diff.py  weights/      export/ (core, hf, meta, gguf, gguf_export, quantize,
+                                               gguf_quantized, gguf_adapter, ollama, ollama_chat,
+                                               go_template, prompt_format), diffs, files (streamed
                                                tensors), gguf_import
 
 Shared plumbing:

@@ -321,8 +321,8 @@ def test_gguf_export_refuses_to_overwrite_and_bad_outtype(tiny_llama, tiny_llama
     existing.write_bytes(b"GGUF")
     with pytest.raises(ValueError, match="--output_file=.*--overwrite"):
         export_gguf(tiny_llama, tiny_llama_adapter, str(existing))
-    with pytest.raises(ValueError, match="--outtype='q4_0'"):
-        export_gguf(tiny_llama, tiny_llama_adapter, str(tmp_path / "m.gguf"), outtype="q4_0")
+    with pytest.raises(ValueError, match="--outtype='q3_k'"):
+        export_gguf(tiny_llama, tiny_llama_adapter, str(tmp_path / "m.gguf"), outtype="q3_k")
     assert existing.read_bytes() == b"GGUF"
 
 
@@ -400,7 +400,18 @@ def test_scripts_show_typed_flags_and_import_nothing_heavy():
             ["--base_model", "--max_shard_size", "--precision", "--dtype", "--overwrite"],
         ),
         ("export_state_dict_checkpoint.py", ["--base_model", "--lora_weights", "--output_dir"]),
-        ("export_gguf.py", ["--output_file", "--outtype", "--precision", "--model_name"]),
+        (
+            "export_gguf.py",
+            [
+                "--output_file",
+                "--outtype",
+                "--precision",
+                "--model_name",
+                "--adapter_only",
+                "--ollama",
+                "--prompt_template",
+            ],
+        ),
     ):
         result = subprocess.run(
             [sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
@@ -544,7 +555,7 @@ def test_unknown_bpe_pre_tokenizer_is_refused_before_the_merge(tiny_llama, tmp_p
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    import alpaca.weights.export.gguf
+    import alpaca.weights.export.gguf_export
 
     base = tmp_path / "bpe-llama"
     shutil.copytree(tiny_llama, base)
@@ -563,7 +574,7 @@ def test_unknown_bpe_pre_tokenizer_is_refused_before_the_merge(tiny_llama, tmp_p
     def no_merge(*args, **kwargs):
         raise AssertionError("the merge started before the refusal")
 
-    monkeypatch.setattr(alpaca.weights.export.gguf, "load_and_merge", no_merge)
+    monkeypatch.setattr(alpaca.weights.export.gguf_export, "load_and_merge", no_merge)
     with pytest.raises(ValueError, match="pre-tokenizer is not one this export knows"):
         export_gguf(str(base), adapter, str(tmp_path / "out.gguf"))
     assert not (tmp_path / "out.gguf").exists()

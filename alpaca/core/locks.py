@@ -100,6 +100,9 @@ def output_lock(
         finally:
             _held[path] = (pid, depth)
         return
+    # folders made only to hold the lock are removed again when they end empty (a refused run leaves
+    # nothing behind)
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _open_locked(path, output, flag)
@@ -131,6 +134,11 @@ def output_lock(
             path.unlink(missing_ok=True)  # still locked: a run waiting to open it retries on a new file
     finally:
         os.close(fd)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote its output there
+                break
 
 
 def check_output_free(output: str | Path, flag: str = "--output_dir", inside: bool = False) -> None:

@@ -63,7 +63,12 @@ class ExportGGUFConfig:
     )
     lora_weights: str = setting("tloen/alpaca-lora-7b", "LoRA adapter folder or hub id.")
     output_file: str = setting("", "the .gguf file to write; default ./alpaca-lora-{outtype}.gguf.")
-    outtype: str = setting("f16", "tensor type in the file: f16 (norms stay f32, as llama.cpp does) or f32.")
+    outtype: str = setting(
+        "f16",
+        "tensor type in the file: f32, f16 or bf16 (norms stay f32, as llama.cpp does); q8_0, q4_0, q4_1, "
+        "q5_0 or q5_1 (quantized here, llama.cpp's block layouts); q4_k_m, q5_k_m or q6_k (made by "
+        "llama.cpp's quantizer: needs llama-cpp-python). With --adapter_only: the base's type.",
+    )
     precision: str = setting("fp32", "precision to merge in before conversion: fp32 (default), fp16 or bf16.")
     dtype: str = setting("", PRECISION_ALIAS_HELP)
     model_name: str = setting(
@@ -71,6 +76,21 @@ class ExportGGUFConfig:
     )
     overwrite: bool = setting(
         False, "replace an existing output_file (only once the new one has passed its checks)."
+    )
+    adapter_only: bool = setting(
+        False,
+        "write the LoRA adapter as its own GGUF (llama.cpp's convert_lora_to_gguf.py layout), plus the "
+        "base as `<name>.base-<outtype>.gguf` unless --base_model is a .gguf file.",
+    )
+    ollama: bool = setting(
+        False,
+        "also write an Ollama Modelfile beside the GGUF (FROM/ADAPTER, a TEMPLATE rendering the trained "
+        "format, stop, sampling).",
+    )
+    prompt_template: str = setting(
+        "",
+        "the Alpaca prompt template an adapter without training_format.json was trained with, for the "
+        "Modelfile's TEMPLATE and the held-out loss; default: its run_config.json's, else alpaca.",
     )
 
 

@@ -18,6 +18,7 @@ from helpers.optional import skip_or_fail
 
 CONVERT_HF = "convert_hf_to_gguf.py"
 CONVERT_LEGACY = "examples/convert_legacy_llama.py"
+CONVERT_LORA = "convert_lora_to_gguf.py"
 FETCH_COMMAND = "scripts/fetch_llama_cpp_converters.sh"
 
 
@@ -30,7 +31,7 @@ def require_converters() -> Path:
     root = llama_cpp_src()
     missing = [
         name
-        for name in (CONVERT_HF, CONVERT_LEGACY, "gguf-py/gguf/__init__.py")
+        for name in (CONVERT_HF, CONVERT_LEGACY, CONVERT_LORA, "gguf-py/gguf/__init__.py")
         if not (root / name).is_file()
     ]
     if missing:

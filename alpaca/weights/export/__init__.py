@@ -8,9 +8,15 @@
 - `export_meta`: Meta's `consolidated.00.pth` + `params.json` + the tokenizer (`tokenizer.model`, or the
   `tokenizer.json` of a BPE model) in the layout of the original LLaMA release, read by llama.cpp's legacy
   converter; q/k are un-permuted from the HF rotary layout and the result is permuted back and compared.
-- `export_gguf`: a GGUF file for llama.cpp written with the `gguf` package (llama.cpp's own), laid out as
+- `export_gguf` (`gguf_export`; the writer is `gguf`): a GGUF file for llama.cpp written with the `gguf`
+  package (llama.cpp's own), laid out as
   llama.cpp's `convert_hf_to_gguf.py` lays out a LLaMA, sentencepiece or BPE vocabulary; it is read back
-  and compared tensor by tensor.
+  and compared tensor by tensor. Quantized types follow llama.cpp's per-tensor rules (`quantize`); a
+  quantized file is dequantized and measured against the merged model (`gguf_quantized`). The LoRA
+  adapter can be its own GGUF (`gguf_adapter`), and an Ollama Modelfile can go beside the file
+  (`ollama`): its TEMPLATE renders the adapter's recorded training format (`prompt_format`), a chat
+  template probed into Ollama's form (`ollama_chat`) and checked with a renderer of the Go-template
+  subset and of Ollama's filling (`go_template`).
 
 Every export checks all its arguments and inputs first, then merges, then checks that the merged model's
 logits equal the adapter model's, measured against the adapter's own effect on the logits (so an update
@@ -28,9 +34,10 @@ from alpaca.weights.export.core import (
     precision_or_alias,
     resolve_export_inputs,
 )
-from alpaca.weights.export.gguf import GGUF_OUTTYPES, export_gguf
+from alpaca.weights.export.gguf_export import export_gguf
 from alpaca.weights.export.hf import export_hf
 from alpaca.weights.export.meta import export_meta, meta_ffn_params, meta_params
+from alpaca.weights.export.quantize import GGUF_OUTTYPES
 
 __all__ = [
     "GGUF_OUTTYPES",

@@ -9,25 +9,19 @@ import json
 import tempfile
 from pathlib import Path
 
-from alpaca.core.locks import locks_output
-from alpaca.core.staging import prepare_output_path, staged_output
 from alpaca.modeling import load_plain_tokenizer
 from alpaca.weights.export.core import (
     MergedModel,
-    announce,
-    check_adapter_path,
-    check_dtype,
-    check_logits_match,
-    compute_logits,
     copy_tokenizer_model,
-    load_and_merge,
-    resolve_export_inputs,
     rope_settings,
     unpermute_rotary,
-    vocabulary_kind,
+)
+from alpaca.weights.export.quantize import (
+    file_type,
+    quantize_array,
+    tensor_type,
 )
 
-GGUF_OUTTYPES = ("f16", "f32")
 # llama.cpp names a byte-level BPE pre-tokenizer (the regex splitting text before BPE) by the SHA-256 of
 # the token ids its tokenizer gives for this probe text (convert_hf_to_gguf.py's `get_vocab_base_pre`);
 # the runtime then applies its own implementation of that pre-tokenizer. The hashes of the LLaMA-family
@@ -138,19 +132,22 @@ def gguf_spm_vocab(tokenizer, sp_model_path: Path, vocab_size: int):
     return tokens, scores, toktypes
 
 
-def gguf_tensors(model, outtype: str) -> dict:
-    """GGUF name -> (numpy array, GGML type), in llama.cpp's layout: q/k in Meta's rotary order, norms
-    and other 1-D tensors kept in f32."""
+def gguf_tensors(model, outtype: str, state: dict | None = None) -> dict:
+    """GGUF name -> (numpy array, GGML type), in llama.cpp's layout: q/k in Meta's rotary order, each
+    tensor in the type llama.cpp gives it for `outtype` (norms and other 1-D tensors in f32; see
+    `alpaca.weights.export.quantize`). `state` (parameter name -> tensor) converts those tensors instead of all
+    of the model's."""
     import gguf
-    import numpy as np
 
     config = model.config
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    state = dict(model.state_dict())
-    # With tied embeddings the HF files hold no lm_head, and llama.cpp then reuses token_embd: do the same.
-    state.pop("lm_head.weight", None)
-    if not getattr(config, "tie_word_embeddings", False):
-        state["lm_head.weight"] = model.get_output_embeddings().weight
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if state is None:
+        state = dict(model.state_dict())
+        # With tied embeddings the HF files hold no lm_head, and llama.cpp then reuses token_embd: do the same.
+        state.pop("lm_head.weight", None)
+        if not tied:
+            state["lm_head.weight"] = model.get_output_embeddings().weight
     tensors = {}
     for name in sorted(state):
         tensor = state[name].detach().float()
@@ -162,21 +159,13 @@ def gguf_tensors(model, outtype: str) -> dict:
         if new_name is None:
             raise ValueError(f"tensor {name!r} has no GGUF name for the llama architecture")
         data = tensor.contiguous().numpy()
-        qtype = gguf.GGMLQuantizationType.F32
-        if outtype == "f16" and data.ndim > 1 and not new_name.endswith("_norm.weight"):
-            qtype = gguf.GGMLQuantizationType.F16
-        tensors[new_name] = (
-            gguf.quants.quantize(data, qtype)
-            if qtype != gguf.GGMLQuantizationType.F32
-            else data.astype(np.float32),
-            qtype,
-        )
+        qtype = tensor_type(new_name, data.shape, outtype, tied)
+        tensors[new_name] = (quantize_array(data, qtype), qtype)
     return tensors
 
 
 def write_gguf_hparams(writer, config, outtype: str) -> None:
     """Hyperparameters under llama.cpp's `llama.*` keys, as its HF converter sets them."""
-    import gguf
 
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -189,8 +178,7 @@ def write_gguf_hparams(writer, config, outtype: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    file_type = gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32
-    writer.add_file_type(file_type)
+    writer.add_file_type(file_type(outtype))
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
 
@@ -267,33 +255,14 @@ def write_gguf(
     return tensors
 
 
-def check_f16_weights(merged: MergedModel) -> float:
-    """Round the merged matrices to f16 in place (the values the f16 file will hold; norms stay f32) and
-    require the logits to keep the adapter's effect: a small update that f16 rounds away is an error."""
-    import torch
-
-    with torch.no_grad():
-        for param in merged.model.parameters():
-            if param.ndim > 1:
-                param.copy_(param.half().to(param.dtype))
-    return check_logits_match(
-        merged.reference_logits,
-        compute_logits(merged.model, merged.input_ids),
-        "fp16",
-        "f16 GGUF model",
-        merged.adapter_effect,
-        remedy="Write the GGUF with --outtype=f32.",
-    )
-
-
-def check_gguf_readback(path: Path, tensors: dict, config) -> None:
+def check_gguf_readback(path: Path, tensors: dict, config, check_tensors: bool = True) -> None:
     """Read the file back with the gguf reader; every tensor and the main hyperparameters must match."""
     import gguf
     import numpy as np
 
     reader = gguf.GGUFReader(path)
     found = {t.name: t for t in reader.tensors}
-    if set(found) != set(tensors):
+    if check_tensors and set(found) != set(tensors):
         raise ValueError(
             f"self-check failed: {path} holds tensors {sorted(set(found) ^ set(tensors))} unexpectedly"
         )
@@ -315,59 +284,3 @@ def check_gguf_readback(path: Path, tensors: dict, config) -> None:
             raise ValueError(
                 f"self-check failed: {path} has {key}={field_ and field_.contents()!r}, expected {value!r}"
             )
-
-
-def default_gguf_path(outtype: str) -> str:
-    return f"./alpaca-lora-{outtype}.gguf"
-
-
-@locks_output(
-    "--output_file", lambda arguments: arguments["output_file"] or default_gguf_path(arguments["outtype"])
-)
-def export_gguf(
-    base_model: str,
-    lora_weights: str,
-    output_file: str | None = None,
-    outtype: str = "f16",
-    dtype: str = "fp32",
-    model_name: str | None = None,
-    overwrite: bool = False,
-) -> dict:
-    """Merge the adapter and write one GGUF file for llama.cpp; read it back and check it."""
-    output_file = output_file or default_gguf_path(outtype)
-    if outtype not in GGUF_OUTTYPES:
-        raise ValueError(f"--outtype={outtype!r}: choose one of {GGUF_OUTTYPES}")
-    if not str(output_file).endswith(".gguf"):
-        raise ValueError(f"--output_file={output_file!r}: give a file name ending in .gguf")
-    check_dtype(dtype)
-    check_adapter_path(lora_weights)
-    path = prepare_output_path(
-        output_file, overwrite, "--output_file", (base_model, lora_weights), is_file=True
-    )
-    inputs = resolve_export_inputs(base_model, lora_weights, dtype, "the GGUF export")
-    vocab_type = vocabulary_kind(inputs)
-    if vocab_type == "bpe":
-        bpe_pre_tokenizer(inputs.tokenizer)  # an unknown pre-tokenizer is refused before the merge
-    announce(
-        "export_gguf", **inputs.source(), output_file=str(path), outtype=outtype, dtype=inputs.dtype_name
-    )
-    merged = load_and_merge(inputs)
-    if outtype == "f16":
-        check_f16_weights(merged)
-    name_hint = Path(inputs.folder.rstrip("/")).name or "model"
-    with staged_output(path, is_file=True) as staging:
-        tensors = write_gguf(merged, staging, outtype, model_name, name_hint, vocab_type)
-        check_gguf_readback(staging, tensors, merged.model.config)
-    print(f"read back {len(tensors)} tensors from {path}: all equal to the merged weights")
-    print(f"wrote GGUF ({outtype}, {vocab_type} vocabulary) to {path}")
-    return dict(
-        export="gguf",
-        **inputs.source(),
-        path=str(path),
-        outtype=outtype,
-        dtype=inputs.dtype_name,
-        vocab_type=vocab_type,
-        tensors=len(tensors),
-        adapter_effect=merged.adapter_effect,
-        max_logit_diff_merged=merged.max_logit_diff,
-    )
