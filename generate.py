@@ -57,6 +57,7 @@ def main(
     served_model_name: str = "",
     max_batch_size: int = 8,
     max_wait_ms: float = 20.0,
+    read_timeout_s: float = 5.0,
     num_threads: int = 0,
 ):
     """Serve the Alpaca-LoRA page, or with --input_file/--output_file, generate in batch mode.
@@ -107,6 +108,8 @@ def main(
         max_batch_size: with --api: the most sequences generated together.
         max_wait_ms: with --api: when idle, how long the first request waits for others expected with it
             (later ones join the running batch at the next step).
+        read_timeout_s: with --api: seconds a client may take to send its request body; a slower one
+            gets 408 (the connection is closed, no thread or request slot is held).
         num_threads: torch CPU threads; 0 chooses: $OMP_NUM_THREADS when set, else the usable physical
             cores (docs/performance.md).
     """
@@ -136,9 +139,11 @@ def main(
     if api:
         from alpaca.serving.server import check_api_flags, serve_api, start_api
 
-        check_api_flags(chat_format, max_batch_size, max_wait_ms, input_file, served_model_name)
+        check_api_flags(
+            chat_format, max_batch_size, max_wait_ms, input_file, served_model_name, read_timeout_s
+        )
         # Bound before the load: a busy port fails now, and clients get 503 while the model loads.
-        api_server = start_api(server_name, server_port, api_key, limits)
+        api_server = start_api(server_name, server_port, api_key, limits, read_timeout_s)
     elif batch_mode:
         check_output_file(output_file)
         read_finished(output_file, read_instructions(input_file))

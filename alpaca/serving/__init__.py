@@ -2,8 +2,12 @@
 
     python generate.py --api --base_model=... --lora_weights=... --server_port=8000
 
-`batching` runs the requests (a scheduler thread, one padded `generate` call per batch, per-row
-sampling, stop strings and cancellation), `openai_protocol` turns OpenAI request bodies into jobs and
-results into OpenAI's response shapes, and `server` is the HTTP layer (stdlib `ThreadingHTTPServer`,
-no extra dependency). See docs/api.md.
+`server` runs uvicorn (in a background thread, bound before the model loads) over the Starlette routes
+of `app` (key check, body limits and read timeout, OpenAI-shaped errors, server-sent events, client
+disconnects). `openai_protocol` turns OpenAI request bodies into jobs and results into OpenAI's
+response shapes. `batching` holds what a request becomes (rows in a job: stop strings, token limits,
+streamed text); `scheduler` decodes rows together with continuous batching (rows join the running
+batch at the next step and leave it when they end), merging key/value caches through `kv_cache`, the
+one module that relies on transformers' cache internals. `limits` is the request-body limit shared
+with the Gradio page. See docs/api.md.
 """
