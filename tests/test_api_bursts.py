@@ -185,3 +185,20 @@ def test_the_read_timeout_is_configurable(generator):
         assert send(loading.port, raw_request(b"{", length=50))[0] == 503
     finally:
         loading.close()
+
+
+def test_a_plain_request_abandoned_while_it_waits_is_cancelled(server):
+    scheduler = server.backend.scheduler
+    before = dict(scheduler.stats.__dict__)
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    sock.sendall(raw_request(body))
+    deadline = time.monotonic() + 30
+    while scheduler.stats.generated_tokens - before["generated_tokens"] < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sock.close()
+    while scheduler.stats.cancelled_rows == before["cancelled_rows"] or scheduler.stats.active_rows:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert scheduler.stats.generated_tokens - before["generated_tokens"] < 200

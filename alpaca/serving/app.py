@@ -310,9 +310,8 @@ class ApiRoutes:
             raise APIError(411, "The request needs a Content-Length header", code="length_required")
         timeout = self.api.read_timeout_s
         try:
-            async with asyncio.timeout(timeout):
-                data = await request.body()
-        except TimeoutError:
+            data = await asyncio.wait_for(request.body(), timeout)
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
             raise APIError(
                 408,
                 f"The request body did not arrive within {timeout:g} s (the server's --read_timeout_s); "
