@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "ALPACA_API_KEY"
+# Bodies up to this size are parsed and tokenized on the event loop (well under a millisecond, less
+# than a hop to a worker thread and back); larger ones in the thread pool, so as not to stall the loop.
+INLINE_BYTES = 16 * 1024
 # Deeper JSON is refused: Python's parser recurses once per level (10^5 levels: RecursionError), and
 # no OpenAI request needs more than a few.
 MAX_JSON_DEPTH = 64
@@ -99,6 +102,12 @@ def parse_json(data: bytes):
     if json_depth(value) > MAX_JSON_DEPTH:
         raise too_deep
     return value
+
+
+def start_job(backend: OpenAIBackend, kind: str, data: bytes) -> tuple[dict, Job]:
+    """A request body -> (its JSON, its checked job, not yet submitted)."""
+    body = parse_json(data)
+    return body, backend.start(kind, body)
 
 
 class AccessLog:
@@ -169,7 +178,10 @@ class JobResponse(Response):
         if self.job.error:
             err = APIError(500, self.job.error, type="server_error", code="generation_failed")
             return await error_response(err)(scope, receive, send)
-        body = await run_in_threadpool(self.backend.response_body, self.kind, self.job, self.request_id)
+        if any(row.settings.logprobs is not None for row in self.job.rows):  # decoding each token's text
+            body = await run_in_threadpool(self.backend.response_body, self.kind, self.job, self.request_id)
+        else:
+            body = self.backend.response_body(self.kind, self.job, self.request_id)
         await json_response(200, body)(scope, receive, send)
 
     async def _stream(self, send) -> None:
@@ -325,8 +337,10 @@ class ApiRoutes:
     async def _generate(self, request: Request, kind: str) -> Response:
         backend = self._backend()
         data = await self._read_body(request)
-        body = await run_in_threadpool(parse_json, data)
-        job = await run_in_threadpool(backend.start, kind, body)
+        if len(data) <= INLINE_BYTES:
+            body, job = start_job(backend, kind, data)
+        else:
+            body, job = await run_in_threadpool(start_job, backend, kind, data)
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
 
         def listener() -> None:  # called from the scheduler's thread
