@@ -7,7 +7,8 @@ Scripts and the rooms they use (each script is a thin `fire` entry point over it
                                                report
     generate.py                  inference/    decoding, generation, loading, batch (--input_file),
                                                page (the Gradio app)
-    generate.py --api            serving/      server (HTTP), openai_protocol, batching, rows
+    generate.py --api            serving/      server (uvicorn), app (Starlette routes), limits,
+                                               openai_protocol, rows, scheduler, kv_cache
     generate_instruction.py      selfinstruct/ settings, pipeline, seeds, prompts, parsing, filters,
                                                similarity, tokens, journal
     evaluate.py                  evaluation/   pairwise, judge, outputs, journal, stats, leaderboard,

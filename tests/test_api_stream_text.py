@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 from helpers.ports import free_port
 
+# server tests: a real `generate.py --api` on a real port (make test-fast skips them)
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "日本語で答えて 😀",

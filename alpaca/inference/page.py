@@ -11,7 +11,6 @@ private models, often offline, and should not call home.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
 import os
@@ -28,9 +27,9 @@ from alpaca.inference.decoding import (  # noqa: E402
     DecodingSettings,
     GenerationLimits,
     make_settings,
-    max_input_chars,
 )
 from alpaca.inference.generation import ResponseGenerator  # noqa: E402
+from alpaca.serving.limits import RequestBodyLimit, request_body_limit  # noqa: E402,F401  (run.py, tests)
 
 logger = logging.getLogger(__name__)
 
@@ -235,70 +234,6 @@ def _seed_input(defaults: DecodingSettings) -> gr.Number:
         info="-1: a fresh random sample each time; another value repeats its sample",
     )
     return checked_number(number, whole=True, optional=True)
-
-
-def request_body_limit(limits: GenerationLimits) -> int:
-    """The largest request body the server reads, in bytes: room for an instruction and an input at
-    the character bound of `--max_input_tokens`, each character JSON-escaped (up to 12 bytes for a
-    non-ASCII one), plus 64 KiB for the settings and framing. Anything larger is refused unread."""
-    return 2 * max_input_chars(limits) * 12 + 64 * 1024
-
-
-class RequestBodyLimit:
-    """ASGI middleware: answer 413 to a request whose body is over `max_bytes`.
-
-    Gradio 6 has no limit of its own on request bodies (`max_file_size` covers uploads only), so a
-    50 MB instruction was read, queued and tokenized. A declared Content-Length over the limit is
-    refused before the body is read; a chunked body is read up to the limit before the app sees it.
-    """
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length", b"")
-        if declared.isdigit():
-            # The server reads no more than the declared length, so checking it is enough.
-            if int(declared) > self.max_bytes:
-                return await self._refuse(send)
-            return await self.app(scope, receive, send)
-        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
-            return await self.app(scope, receive, send)
-        # A chunked body has no declared length: read it here, up to the limit, then replay it.
-        # (Raising from inside `receive` does not work: the app's body parser swallows it as a 400.)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._refuse(send)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, send):
-        body = json.dumps(
-            {"error": f"request body over {self.max_bytes} bytes (the limit follows --max_input_tokens)"}
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
 
 
 def check_port_free(server_name: str, server_port: int) -> None:

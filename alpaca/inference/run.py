@@ -91,9 +91,12 @@ def run_api(config: GenerateConfig, limits, settings) -> None:
         config.max_wait_ms,
         config.input_file,
         config.served_model_name,
+        config.read_timeout_s,
     )
     # Bound before the load: a busy port fails now, and clients get 503 while the model loads.
-    api_server = start_api(config.server_name, config.server_port, config.api_key, limits)
+    api_server = start_api(
+        config.server_name, config.server_port, config.api_key, limits, config.read_timeout_s
+    )
     generators = load_models(config, limits, settings, compare=False)
     serve_api(
         api_server,

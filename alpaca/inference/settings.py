@@ -108,6 +108,11 @@ class GenerateConfig:
         "with --api: when idle, how long the first request waits for others expected with it (later ones "
         "join the running batch at the next step).",
     )
+    read_timeout_s: float = setting(
+        5.0,
+        "with --api: seconds a client may take to send its request body; a slower one gets 408 (the "
+        "connection is closed, no thread or request slot is held).",
+    )
     num_threads: int = setting(
         0,
         "torch CPU threads; 0 chooses: $OMP_NUM_THREADS when set, else the usable physical cores "

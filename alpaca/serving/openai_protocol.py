@@ -6,6 +6,7 @@ penalties, `logit_bias`, tools, JSON mode) is a 400 that names it, as OpenAI doe
 
 from __future__ import annotations
 
+import math
 import queue
 import time
 import uuid
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 from alpaca.inference.decoding import MAX_TEMPERATURE, max_input_chars
 from alpaca.inference.generation import ResponseGenerator
-from alpaca.serving.batching import BatchScheduler
 from alpaca.serving.rows import CONTEXT_TOKENS, Job, Row, RowSettings
+from alpaca.serving.scheduler import BatchScheduler
 
 CHAT_FORMATS = ("template", "tokenizer")
 MAX_STOP_STRINGS = 16
@@ -74,6 +75,12 @@ class ServingConfig:
     default_max_tokens: int
 
 
+def shown(value, width: int = 80) -> str:
+    """`value`'s repr for an error message, cut to `width` characters (a client's value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _invalid(name: str, message: str, code: str = "invalid_value") -> APIError:
     return APIError(400, f"{name}: {message}", param=name, code=code)
 
@@ -84,9 +91,12 @@ def _number(
     value = body.get(name)
     if value is None:
         return default
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no NaN or Infinity, but Python's parser reads them (and 1e999 as infinity).
+        raise _invalid(name, f"must be a finite number, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, int | float) or (integer and value != int(value)):
         kind = "an integer" if integer else "a number"
-        raise _invalid(name, f"must be {kind}, got {value!r}", "invalid_type")
+        raise _invalid(name, f"must be {kind}, got {shown(value)}", "invalid_type")
     if (value <= low if above else value < low) or value > high:
         bound = f"above {low}" if above else f"at least {low}"
         raise _invalid(name, f"must be {bound} and at most {high}, got {value!r}")
@@ -99,7 +109,7 @@ def _stop_strings(body: dict) -> tuple[str, ...]:
         return ()
     items = [stop] if isinstance(stop, str) else stop
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        raise _invalid("stop", f"must be a string or a list of strings, got {stop!r}", "invalid_type")
+        raise _invalid("stop", f"must be a string or a list of strings, got {shown(stop)}", "invalid_type")
     if len(items) > MAX_STOP_STRINGS:
         raise _invalid("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
     return tuple(dict.fromkeys(item for item in items if item))
@@ -110,7 +120,7 @@ def check_unsupported(body: dict) -> None:
         if name in body and body[name] not in neutral:
             raise APIError(
                 400,
-                f"{name}={body[name]!r} is not supported by this server; leave it out",
+                f"{name}={shown(body[name])} is not supported by this server; leave it out",
                 param=name,
                 code="unsupported_parameter",
             )
@@ -171,14 +181,14 @@ class OpenAIBackend:
         if model is not None and model != self.config.model_id:
             raise APIError(
                 404,
-                f"The model {model!r} does not exist; this server serves {self.config.model_id!r} (see /v1/models)",
+                f"The model {shown(model)} does not exist; this server serves {self.config.model_id!r} (see /v1/models)",
                 param="model",
                 code="model_not_found",
             )
         check_unsupported(body)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
-            raise _invalid("stream", f"must be true or false, got {stream!r}", "invalid_type")
+            raise _invalid("stream", f"must be true or false, got {shown(stream)}", "invalid_type")
         settings, n = self._settings(body, kind, stream)
         if kind == "chat":
             prompts = [self._chat_prompt(body.get("messages"), settings.max_tokens)]
@@ -367,7 +377,8 @@ class OpenAIBackend:
         self, kind: str, job: Job, request_id: str, include_usage: bool, poll_s: float = 0.1
     ) -> Iterator[dict | None]:
         """The stream's chunks; None every `poll_s` while nothing happens (the caller checks that the
-        client is still there). An error ends the stream with an error chunk."""
+        client is still there), or, with `poll_s=0`, whenever no event is waiting (the caller waits
+        for the next one, see `JobEvents.listener`). An error ends the stream with an error chunk."""
         head = self._head(kind, request_id, chunk=True)
         extra = {"usage": None} if include_usage else {}
         if kind == "chat":
@@ -380,7 +391,7 @@ class OpenAIBackend:
         finished = 0
         while finished < len(job.rows):
             try:
-                event, row, value = job.events.get(timeout=poll_s)
+                event, row, value = job.events.get(timeout=poll_s) if poll_s else job.events.get_nowait()
             except queue.Empty:
                 yield None
                 continue
@@ -478,7 +489,7 @@ def parse_messages(messages) -> list[dict]:
             raise _invalid(where, "must be an object with a role and content", "invalid_type")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise _invalid(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+            raise _invalid(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {shown(role)}")
         if isinstance(content, list):
             if not all(
                 isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)

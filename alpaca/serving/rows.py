@@ -2,7 +2,7 @@
 
 A row holds its decoding settings (`RowSettings`), the tokens generated so far and its text. It takes
 one token at a time (`Row.add_token`): stop strings, token limits, log-probabilities, streaming deltas
-to the request's thread, and the end of a row whose client went away. `batching` decides which rows
+to the request's handler, and the end of a row whose client went away. `scheduler` decides which rows
 run together and gives them their tokens.
 """
 
@@ -12,7 +12,7 @@ import logging
 import queue
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from alpaca.inference.decoding import StreamDecoder, held_back
@@ -182,18 +182,36 @@ class Row:
         return stopped
 
 
+class JobEvents(queue.SimpleQueue):
+    """A job's event queue that also calls `listener` (when set) after each event, so that a waiter
+    in an event loop is woken without polling (`listener` must not block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.listener: Callable[[], None] | None = None
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.notify()
+
+    def notify(self) -> None:
+        if self.listener is not None:
+            self.listener()
+
+
 class Job:
-    """One HTTP request: its rows, and how their results reach the request's thread.
+    """One HTTP request: its rows, and how their results reach the request's handler.
 
     Streaming requests get ("delta", row, text), ("finish", row, None) and ("error", None, message)
-    events in `events`; every request can wait on `done`. `cancel()` (the client went away) ends the
-    request's rows at the next token, and rows still queued are dropped.
+    events in `events`; every request can wait on `done`, or set `events.listener` to hear of each
+    event and of the end. `cancel()` (the client went away) ends the request's rows at the next token,
+    and rows still queued are dropped.
     """
 
     def __init__(self, stream: bool = False):
         self.stream = stream
         self.rows: list[Row] = []
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.events = JobEvents()
         self.done = threading.Event()
         self.cancelled = threading.Event()
         self.error: str | None = None
@@ -234,3 +252,4 @@ class Job:
             self._remaining -= 1
             if self._remaining == 0:
                 self.done.set()
+                self.events.notify()

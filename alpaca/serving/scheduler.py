@@ -1,19 +1,19 @@
-"""Requests in flight share forward passes: continuous batching over one key/value cache.
+"""Continuous batching: requests in flight share forward passes over one key/value cache.
 
-Every request becomes rows (`Row`: one per prompt and choice). A scheduler thread decodes the rows in
-flight together, one token per forward pass, in a left-padded batch with a shared key/value cache.
-Rows join the running batch at the next step (their prompts are run in one forward pass of their own
-and their cache is merged in) and leave it as soon as they end, so a request that arrives while others
-are being generated starts at once instead of waiting for them, and a short reply is not held up by a
-long one. Up to `max_batch_size` rows run together; more wait in the queue. From an idle scheduler
-the first rows wait at most `max_wait_ms` for others expected to come with them.
+Every request becomes rows (`rows.Row`: one per prompt and choice). A scheduler thread decodes the
+rows in flight together, one token per forward pass, in a left-padded batch with a shared key/value
+cache. Rows join the running batch at the next step (their prompts are run in one forward pass of their
+own and their cache is merged in, see `kv_cache`) and leave it as soon as they end, so a request that
+arrives while others are being generated starts at once instead of waiting for them, and a short reply
+is not held up by a long one. Up to `max_batch_size` rows run together; more wait in the queue. From an
+idle scheduler the first rows wait at most `max_wait_ms` for others expected to come with them.
 
 Rows may differ in every decoding setting: each step's logits are turned into each row's token by
 that row's own rule (`next_tokens`): the argmax for greedy rows, exactly as `generate` picks it, so
 their tokens are those of `generate.py`'s batch mode; for sampling rows, their own temperature, top-p,
 top-k and `torch.Generator` (seeded per request, so a seed reproduces a reply whatever else is in the
-batch). Each row then takes its token (`Row.add_token`, in `rows`): stop strings, token limits,
-streaming, and the end of a row whose client went away.
+batch). Each row then takes its token (`Row.add_token`, in `rows`): stop strings, token limits, streaming, and
+the end of a row whose client went away.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from alpaca.inference.decoding import DecodingSettings
 from alpaca.inference.generation import ResponseGenerator
 from alpaca.inference.settings import GenerateConfig
+from alpaca.serving import kv_cache
 from alpaca.serving.rows import Job, Row, RowSettings
 
 logger = logging.getLogger(__name__)
@@ -124,18 +125,11 @@ class RunningBatch:
 
         if not self.rows:
             self.rows, self.cache, self.mask, self.last = list(rows), cache, mask, last
-            self.can_join = plain_layers(cache)
+            self.can_join = kv_cache.can_merge(cache)
             return
         length = max(self.mask.shape[1], mask.shape[1])
-        layers = [
-            (
-                torch.cat([left_pad(old.keys, length), left_pad(new.keys, length)]),
-                torch.cat([left_pad(old.values, length), left_pad(new.values, length)]),
-            )
-            for old, new in zip(self.cache.layers, cache.layers)
-        ]
-        self.cache = type(self.cache)(layers)
-        self.mask = torch.cat([left_pad(self.mask, length, dim=1), left_pad(mask, length, dim=1)])
+        self.cache = kv_cache.merge(self.cache, cache, length)
+        self.mask = torch.cat([kv_cache.left_pad(self.mask, length, 1), kv_cache.left_pad(mask, length, 1)])
         self.last = torch.cat([self.last, last])
         self.rows += rows
 
@@ -151,35 +145,12 @@ class RunningBatch:
             self.cache = self.mask = self.last = None
             return
         index = torch.tensor(keep, device=self.mask.device)
-        self.cache.batch_select_indices(index)
+        kv_cache.select_rows(self.cache, index)
         self.mask, self.last = self.mask[index], self.last[index]
         unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading all-padding columns
         if unused and self.can_join:
-            self.cache = type(self.cache)(
-                [(layer.keys[:, :, unused:], layer.values[:, :, unused:]) for layer in self.cache.layers]
-            )
+            self.cache = kv_cache.drop_leading(self.cache, unused)
             self.mask = self.mask[:, unused:]
-
-
-def plain_layers(cache) -> bool:
-    """Whether every layer of `cache` is a plain growing key/value pair (what merging rows needs)."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(
-        type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
-        for layer in layers
-    )
-
-
-def left_pad(tensor, length: int, dim: int = 2):
-    """`tensor` with zeros in front along `dim` up to `length` (cache tensors: [rows, heads, seq, dim])."""
-    import torch
-
-    missing = length - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 class BatchScheduler:
@@ -326,7 +297,6 @@ class BatchScheduler:
     def _admit(self, batch: RunningBatch, rows: list[Row]) -> None:
         """Run the new rows' prompts in one left-padded pass, take their first tokens and merge them in."""
         import torch
-        from transformers import DynamicCache
 
         if batch.rows:
             self.stats.joins += 1
@@ -342,7 +312,7 @@ class BatchScheduler:
             [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device
         )
         positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 1)
-        cache = DynamicCache(config=self.generator.model.config)
+        cache = kv_cache.new_cache(self.generator.model.config)
         logits = self._forward(
             input_ids=input_ids,
             attention_mask=mask,
