@@ -11,6 +11,7 @@ from test_packing import packed_forward, unpacked_reference
 from alpaca.core.chat import (
     adds_bos,
     alpaca_chat_template,
+    alpaca_record_chat,
     alpaca_record_messages,
     conversation_messages,
     encode_rendered,
@@ -214,13 +215,7 @@ def test_packed_conversations_give_the_unpacked_loss(tiny_llama, chatml_tokenize
     assert abs(loss.item() - ref_loss.item()) < 1e-5
 
 
-def alpaca_chat_messages(record: dict, with_answer: bool) -> list[dict]:
-    """An Alpaca record in the Alpaca Jinja template's convention: the input as a system message."""
-    messages = [{"role": "system", "content": record["input"]}] if record.get("input") else []
-    messages.append({"role": "user", "content": record["instruction"]})
-    if with_answer:
-        messages.append({"role": "assistant", "content": record["output"]})
-    return messages
+alpaca_chat_messages = alpaca_record_chat
 
 
 def assert_alpaca_jinja_renders_training_ids(tokenizer):

@@ -13,6 +13,7 @@ from helpers.finetune_runs import run_finetune_fast, write_sample_subset
 from alpaca.core.chat import (
     FORMAT_FILE,
     alpaca_chat_template,
+    alpaca_record_chat,
     conversation_messages,
     encode_rendered,
     read_training_format,
@@ -55,10 +56,7 @@ def chat_adapter(tiny_llama, tmp_path_factory):
     return str(out)
 
 
-def alpaca_messages(record: dict, with_answer: bool = False) -> list[dict]:
-    messages = [{"role": "system", "content": record["input"]}] if record.get("input") else []
-    messages.append({"role": "user", "content": record["instruction"]})
-    return messages + ([{"role": "assistant", "content": record["output"]}] if with_answer else [])
+alpaca_messages = alpaca_record_chat
 
 
 def assert_renders_training_ids(template: str, tokenizer, kind: str, prompt_template: str = "alpaca"):

@@ -20,6 +20,7 @@ from alpaca.core.chat import (
     FORMAT_FILE,
     TrainingFormat,
     alpaca_chat_template,
+    alpaca_record_chat,
     encode_rendered,
     render,
     save_training_format,
@@ -57,11 +58,7 @@ LLAMA2_JINJA = (
 )
 
 
-def alpaca_messages(record: dict) -> list[dict]:
-    """An Alpaca record as a chat in the convention of the Jinja template every export carries: the
-    input is the system message, the instruction the user message."""
-    system = [{"role": "system", "content": record["input"]}] if record.get("input") else []
-    return [*system, {"role": "user", "content": record["instruction"]}]
+alpaca_messages = alpaca_record_chat  # the convention of the Jinja template every export carries
 
 
 def assert_renders_training_prompts(template: str, prompter: Prompter, records: list[dict]) -> None:

@@ -58,16 +58,8 @@ def load_llama(path, **kwargs):
 
     bindings.llama_model_default_params = params
     try:
-        return Llama(
-            model_path=str(path),
-            n_ctx=256,
-            n_threads=1,
-            logits_all=True,
-            verbose=False,
-            type_k=0,
-            type_v=0,
-            **kwargs,
-        )
+        settings = dict(n_ctx=256, n_threads=1, logits_all=True, verbose=False, type_k=0, type_v=0)
+        return Llama(model_path=str(path), **{**settings, **kwargs})
     finally:
         bindings.llama_model_default_params = default
 

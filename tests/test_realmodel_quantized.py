@@ -18,7 +18,7 @@ from helpers.export_fixtures import (
 from helpers.finetune_runs import run_finetune_fast
 from helpers.ollama_modelfile import parse_modelfile
 
-from alpaca.core.chat import encode_rendered, recorded_format, render
+from alpaca.core.chat import alpaca_record_chat, encode_rendered, recorded_format, render
 from alpaca.core.prompter import Prompter
 from alpaca.modeling import load_plain_tokenizer
 from alpaca.weights.export import export_gguf, export_hf
@@ -80,9 +80,7 @@ def test_q4_0_keeps_the_trained_update_and_the_modelfile_stops_at_end_of_turn(
     template = dict(commands)["template"]
     prompter = Prompter("alpaca")
     for record in held_out_records(15):
-        system = [{"role": "system", "content": record["input"]}] if record.get("input") else []
-        messages = [*system, {"role": "user", "content": record["instruction"]}]
-        assert ollama_render(template, messages) == prompter.generate_prompt(
+        assert ollama_render(template, alpaca_record_chat(record)) == prompter.generate_prompt(
             record["instruction"], record.get("input")
         )
 

@@ -181,19 +181,37 @@ def encode_rendered(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def alpaca_record_chat(record: dict, with_answer: bool = False) -> list[dict]:
+    """An Alpaca record as a chat in the convention of `alpaca_chat_template` and the API: with an
+    input, the instruction is the system message and the input the user message; without one, the
+    instruction is the user message. `with_answer` adds the output as the assistant's reply."""
+    if record.get("input"):
+        messages = [
+            {"role": "system", "content": record["instruction"]},
+            {"role": "user", "content": record["input"]},
+        ]
+    else:
+        messages = [{"role": "user", "content": record["instruction"]}]
+    return messages + ([{"role": "assistant", "content": record["output"]}] if with_answer else [])
+
+
 def alpaca_chat_template(template: dict) -> str:
     """A Jinja chat template that renders the Alpaca prompt template `template` exactly as training
     formats records.
 
-    The convention: each user message is an instruction; a system message (first turn only) is the
-    first instruction's input (`prompt_input`); an assistant message is the response followed by EOS,
-    as training appends it. A chat of one user message (and an optional system message) renders the
-    training prompt, which already ends in the response header, so `add_generation_prompt` adds
-    nothing. The BOS is not written: the tokenizer adds it where training had it (`encode_rendered`). Earlier turns render as earlier Alpaca exchanges, one after another (the model was trained
-    on single exchanges; multi-turn chats are outside what it learned).
+    The convention is the API's (`generate.py --api`, `template_fields`): without a system message
+    a user message is the instruction (`prompt_no_input`); with one (first turn only), the system
+    message is the instruction and the first user message its input (`prompt_input`), so "Translate
+    into French" + "Good morning" reads as the template intends. An assistant message is the response
+    followed by EOS, as training appends it. A record's training prompt is therefore rendered by a chat
+    of one user message (the instruction), or of a system message (the instruction) and a user message
+    (the input). The prompt already ends in the response header, so `add_generation_prompt` adds
+    nothing. The BOS is not written: the tokenizer adds it where training had it (`encode_rendered`).
+    Later turns render as further Alpaca exchanges, one after another (the model was trained on single
+    exchanges; multi-turn chats are outside what it learned).
     """
     first_with_input = format_to_jinja(
-        template["prompt_input"], {"instruction": "message['content']", "input": "system_input"}
+        template["prompt_input"], {"instruction": "system_input", "input": "message['content']"}
     )
     no_input = format_to_jinja(template["prompt_no_input"], {"instruction": "message['content']"})
     return (
@@ -312,3 +330,48 @@ def recorded_format(lora_weights: str) -> TrainingFormat:
         except ValueError:
             pass
     return TrainingFormat("prompt_template", name, "", alpaca_chat_template(load_template(name)))
+
+
+class ChatPrompter:
+    """The prompter of a model trained in a chat template (`TrainingFormat.is_chat`), with the face of
+    `alpaca.core.prompter.Prompter`, so the page, batch mode and the API prompt it as it was trained.
+
+    An instruction (and its input, after a blank line, as training formatted Alpaca records) is one
+    user turn, rendered with the generation prompt. A chat template has no text markers to stop at:
+    its end-of-turn token ends a reply (`end_ids`), so `template` is None and there are no stop
+    strings. A leading BOS written by the template is left to the tokenizer where it adds one itself,
+    so the prompt's ids are `encode_rendered`'s.
+    """
+
+    template = None
+
+    def __init__(self, training: TrainingFormat, tokenizer):
+        self.training = training
+        self.chat_template = training.chat_template
+        self.template_name = f"chat template ({training.chat_template_flag or 'tokenizer'})"
+        self.tokenizer = tokenizer
+        self.end_ids = sorted(end_of_turn_ids(tokenizer))
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The prompt for a conversation whose reply comes next."""
+        text = render(self.chat_template, messages, self.tokenizer, add_generation_prompt=True)
+        bos = self.tokenizer.bos_token
+        if bos and adds_bos(self.tokenizer) and text.startswith(bos):
+            text = text[len(bos) :]
+        return text
+
+    def generate_prompt(self, instruction: str, input: str | None = None, label: str | None = None) -> str:
+        record = {"instruction": instruction, "input": input or "", "output": ""}
+        prompt = self.render_chat(alpaca_record_messages(record)[:1])
+        return f"{prompt}{label}" if label else prompt
+
+    def get_response(self, output: str, prompt: str | None = None) -> str:
+        if prompt is not None and output.startswith(prompt):
+            return output[len(prompt) :].strip()
+        return output.strip()
+
+
+def chat_prompter_for(lora_weights: str, tokenizer):
+    """A `ChatPrompter` when the adapter was trained in a chat template, else None."""
+    training = read_training_format(lora_weights) if lora_weights else None
+    return ChatPrompter(training, tokenizer) if training is not None and training.is_chat else None

@@ -58,9 +58,14 @@ def check_output_file(output_file: str) -> None:
 
 
 def check_record(record, place: str) -> None:
-    """Raise a ValueError unless `record` is an object with a non-empty `instruction` string."""
+    """Raise a ValueError unless `record` is an object with a non-empty `instruction` string, or a
+    conversation (`messages`, OpenAI form, ending with a user message; checked with the prompt)."""
     if not isinstance(record, dict):
         raise ValueError(f"{place}: expected an object with an 'instruction', got {type(record).__name__}")
+    if "messages" in record:
+        if not isinstance(record["messages"], list) or not record["messages"]:
+            raise ValueError(f"{place}: 'messages' must be a non-empty list of {{role, content}} turns")
+        return
     instruction = record.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise ValueError(f"{place}: 'instruction' must be a non-empty string, got {instruction!r}")
@@ -93,7 +98,7 @@ def read_finished(output_file: str, records: list[dict]) -> list[dict]:
         )
     for index, (done, record) in enumerate(zip(finished, records)):
         same = isinstance(done, dict) and all(
-            (done.get(key) or "") == (record.get(key) or "") for key in ("instruction", "input")
+            (done.get(key) or "") == (record.get(key) or "") for key in ("instruction", "input", "messages")
         )
         if not same or "output" not in done:
             raise ValueError(
@@ -101,6 +106,14 @@ def read_finished(output_file: str, records: list[dict]) -> list[dict]:
                 "file; it holds outputs for other instructions. Move it away or pick another --output_file"
             )
     return finished
+
+
+def prompt_of(generator: ResponseGenerator, record: dict, index: int) -> str:
+    """The checked prompt of one record: a conversation in the model's trained format, or an
+    instruction (and input) in its prompt template."""
+    if "messages" in record:
+        return generator.prompt_for_messages(record["messages"], index=index)
+    return generator.prompt_for(record["instruction"], record.get("input"), index=index)
 
 
 @locks_output("--output_file", lambda arguments: arguments["output_file"])
@@ -125,8 +138,7 @@ def run_batch(
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
     check_output_file(output_file)
     records = read_instructions(input_file)
-    for index, record in enumerate(records):
-        generator.prompt_for(record["instruction"], record.get("input"), index=index)
+    prompts = [prompt_of(generator, record, index) for index, record in enumerate(records)]
     results = read_finished(output_file, records)
     name = generator_name or generator.name
     # The resolved settings beside the outputs, so a result file says how it was made.
@@ -153,7 +165,13 @@ def run_batch(
     ) as bar:
         for start in range(len(results), len(records), batch_size):
             batch = records[start : start + batch_size]
-            outputs = generator.generate_batch([(r["instruction"], r.get("input")) for r in batch], settings)
+            if any("messages" in r for r in batch):
+                replies = generator.replies_to_prompts(prompts[start : start + batch_size], settings)
+                outputs = [reply.text for reply in replies]
+            else:
+                outputs = generator.generate_batch(
+                    [(r["instruction"], r.get("input")) for r in batch], settings
+                )
             results.extend(output_record(r, output, name) for r, output in zip(batch, outputs))
             write_json_atomic(output_file, results)
             bar.update(len(batch))

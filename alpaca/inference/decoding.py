@@ -119,7 +119,9 @@ def make_settings(
     )
 
 
-def build_generation_config(tokenizer, settings: DecodingSettings, streaming: bool = False):
+def build_generation_config(
+    tokenizer, settings: DecodingSettings, streaming: bool = False, eos_token_ids: Sequence[int] | None = None
+):
     """A `GenerationConfig` for `settings`: sampling switched on only when temperature > 0.
 
     Upstream passed temperature / top-p / top-k without `do_sample=True`, so its sliders did nothing.
@@ -132,7 +134,8 @@ def build_generation_config(tokenizer, settings: DecodingSettings, streaming: bo
         max_new_tokens=settings.max_new_tokens,
         num_beams=1 if streaming else settings.num_beams,
         do_sample=settings.do_sample,
-        eos_token_id=tokenizer.eos_token_id,
+        # a chat-trained model also ends at its end-of-turn token(s)
+        eos_token_id=list(eos_token_ids) if eos_token_ids else tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )

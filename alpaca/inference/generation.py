@@ -141,8 +141,10 @@ class ResponseGenerator:
         self.lock = lock or threading.Lock()
         self.limits = limits or GenerationLimits()
         if stop_strings is None:
-            stop_strings = template_stop_strings(prompter.template)
+            # a chat template (ChatPrompter) has no text markers: its end-of-turn token ends a reply
+            stop_strings = template_stop_strings(prompter.template) if prompter.template is not None else ()
         self.stop_strings = tuple(stop for stop in stop_strings if stop)
+        self.end_ids = list(getattr(prompter, "end_ids", None) or [])
 
     def prompt_for(self, instruction: str, input: str | None = None, index: int | None = None) -> str:
         """The prompt for one request, after checking it; `index` names a batch record in errors."""
@@ -158,7 +160,34 @@ class ResponseGenerator:
                 f"{self.limits.max_input_tokens} tokens (--max_input_tokens; at most {max_input_chars(self.limits)} "
                 "characters are even tokenized): shorten the instruction or input"
             )
-        prompt = self.prompter.generate_prompt(instruction, input or None)
+        return self._checked_length(self.prompter.generate_prompt(instruction, input or None), where)
+
+    def prompt_for_messages(self, messages, index: int | None = None) -> str:
+        """The prompt for a conversation (OpenAI `messages`) whose reply comes next, in the format this
+        model was trained in: its chat template, or for an Alpaca-trained model the Alpaca template as
+        Jinja (the last user message is the instruction, a system message its input)."""
+        from alpaca.core.chat import alpaca_chat_template, conversation_messages, render
+
+        where = f"record {index}: " if index is not None else ""
+        checked = conversation_messages(
+            {"messages": [*messages, {"role": "assistant", "content": "-"}]}, index or 0, "chat"
+        )
+        checked = checked[:-1]
+        if not checked or checked[-1]["role"] != "user":
+            raise ValueError(f"{where}the conversation must end with a user message")
+        num_chars = sum(len(m["content"]) for m in checked)
+        if num_chars > max_input_chars(self.limits):
+            raise ValueError(
+                f"{where}the conversation is {num_chars} characters long, far over the limit of "
+                f"{self.limits.max_input_tokens} tokens (--max_input_tokens): shorten it"
+            )
+        if hasattr(self.prompter, "render_chat"):
+            prompt = self.prompter.render_chat(checked)
+        else:
+            prompt = render(alpaca_chat_template(self.prompter.template), checked, self.tokenizer, True)
+        return self._checked_length(prompt, where)
+
+    def _checked_length(self, prompt: str, where: str) -> str:
         num_tokens = len(self.tokenizer(prompt)["input_ids"])
         if num_tokens > self.limits.max_input_tokens:
             raise ValueError(
@@ -190,16 +219,28 @@ class ResponseGenerator:
         greedy decoding each row's output equals the output for that prompt alone (tested). A row
         ends at EOS or at a stop string; `num_tokens` counts its tokens up to there.
         """
-        settings = settings or DecodingSettings()
         prompts = [self.prompt_for(instruction, input) for instruction, input in requests]
+        return self.replies_to_prompts(prompts, settings)
+
+    def chat_replies(
+        self, conversations: Sequence[list[dict]], settings: DecodingSettings | None = None
+    ) -> list[GeneratedReply]:
+        """Replies to several conversations (each ending with a user message), generated together."""
+        return self.replies_to_prompts([self.prompt_for_messages(m) for m in conversations], settings)
+
+    def replies_to_prompts(
+        self, prompts: list[str], settings: DecodingSettings | None = None
+    ) -> list[GeneratedReply]:
+        """Generate for checked prompts (`prompt_for`, `prompt_for_messages`), batched."""
+        settings = settings or DecodingSettings()
         encoded = self._encode(prompts)
-        config = build_generation_config(self.tokenizer, settings)
+        config = build_generation_config(self.tokenizer, settings, eos_token_ids=self.end_ids)
         prompt_length = encoded["input_ids"].shape[1]
         with self.using_model(settings):
             output = self.model.generate(
                 **encoded, generation_config=config, stopping_criteria=self._stopping_criteria(prompt_length)
             )
-        ended = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        ended = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, *self.end_ids}
         replies = []
         for row, prompt_ids in zip(output, encoded["input_ids"]):
             generated = row[prompt_length:].tolist()
@@ -220,11 +261,18 @@ class ResponseGenerator:
         be the start of a stop string, so every update extends the previous one. The last update is
         `generate`'s reply for the same tokens, decoded the same way.
         """
+        return self.stream_prompt(self.prompt_for(instruction, input), settings)
+
+    def stream_chat(self, messages: list[dict], settings: DecodingSettings | None = None) -> Iterator[str]:
+        """`stream` for a conversation whose reply comes next (the page's Chat tab)."""
+        return self.stream_prompt(self.prompt_for_messages(messages), settings)
+
+    def stream_prompt(self, prompt: str, settings: DecodingSettings | None = None) -> Iterator[str]:
+        """`stream` for a checked prompt."""
         settings = settings or DecodingSettings()
-        prompt = self.prompt_for(instruction, input)
         encoded = self._encode([prompt])
         prompt_ids = encoded["input_ids"][0]
-        config = build_generation_config(self.tokenizer, settings, streaming=True)
+        config = build_generation_config(self.tokenizer, settings, streaming=True, eos_token_ids=self.end_ids)
         tokens = _TokenQueue()
         stop = threading.Event()
         failure: list[BaseException] = []

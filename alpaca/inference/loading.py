@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from alpaca.core.chat import chat_prompter_for
 from alpaca.core.prompter import Prompter
 from alpaca.inference.decoding import DecodingSettings, GenerationLimits, split_list
 from alpaca.inference.generation import ResponseGenerator
@@ -176,7 +177,7 @@ def load_generators(
     converted once to a cached HF folder. `stop_strings`: None derives them from the template.
     """
     prompter = Prompter(prompt_template or None)
-    common = dict(prompter=prompter, limits=limits or GenerationLimits(), stop_strings=stop_strings)
+    common = dict(limits=limits or GenerationLimits(), stop_strings=stop_strings)
     extra_adapters = split_list(compare_lora_weights)
     # Every path is checked before the slow loads: a typo in the last flag should not cost a model load.
     folder, gguf_info = resolve_base_model(base_model, "--base_model")
@@ -189,6 +190,12 @@ def load_generators(
     source = {"base_model": base_model, "base_model_folder": folder, "base_model_gguf": gguf_info}
     model, tokenizer = load_model(folder, load_8bit, load_4bit, precision, trust_remote_code)
     source["precision"] = model.resolved_precision  # written beside batch outputs
+    tokenizer = trained_tokenizer(model, tokenizer, lora_weights, trust_remote_code)
+
+    def prompter_for(path: str):
+        """The adapter's trained chat format unless --prompt_template names a prompt template."""
+        return (None if prompt_template else chat_prompter_for(path, tokenizer)) or prompter
+
     lock = threading.Lock()
     base_label = model_label(base_model, folder)
     generators = []
@@ -209,15 +216,27 @@ def load_generators(
                     adapter_name=f"adapter{index}",
                     lock=lock,
                     source={**source, "lora_weights": path},
+                    prompter=prompter_for(path),
                     **common,
                 )
             )
         alone = base_label if not lora_weights else f"{base_label} (no adapter)"
-        base_alone = ResponseGenerator(model, tokenizer, name=alone, lock=lock, source=source, **common)
+        # the base alone is prompted like the main adapter, so the two compare in one format
+        base_alone = ResponseGenerator(
+            model,
+            tokenizer,
+            name=alone,
+            lock=lock,
+            source=source,
+            prompter=prompter_for(lora_weights),
+            **common,
+        )
         generators.insert(0 if not lora_weights else len(generators), base_alone)
     else:
         generators.append(
-            ResponseGenerator(model, tokenizer, name=base_label, lock=lock, source=source, **common)
+            ResponseGenerator(
+                model, tokenizer, name=base_label, lock=lock, source=source, prompter=prompter, **common
+            )
         )
     for path, other_folder, other_gguf in others:
         other, other_tokenizer = load_model(other_folder, load_8bit, load_4bit, precision, trust_remote_code)
@@ -229,10 +248,28 @@ def load_generators(
         }
         label = model_label(path, other_folder)
         generators.append(
-            ResponseGenerator(other, other_tokenizer, name=label, source=other_source, **common)
+            ResponseGenerator(
+                other, other_tokenizer, name=label, source=other_source, prompter=prompter, **common
+            )
         )
     _make_names_unique(generators)
     return generators
+
+
+def trained_tokenizer(model, tokenizer, lora_weights: str, trust_remote_code: bool = False):
+    """The tokenizer saved with a chat-trained adapter (it holds the trained chat template and any
+    tokens the format added, whose embedding rows are made here before the adapter loads), else
+    `tokenizer`."""
+    from alpaca.core.chat import read_training_format
+    from alpaca.modeling import adapter_tokenizer_dir, resize_embeddings_for_new_tokens
+
+    training = read_training_format(lora_weights) if lora_weights else None
+    folder = adapter_tokenizer_dir("", lora_weights) if training is not None and training.is_chat else ""
+    if not folder:
+        return tokenizer
+    trained = load_tokenizer(folder, padding_side="left", trust_remote_code=trust_remote_code)
+    resize_embeddings_for_new_tokens(model, trained)
+    return trained
 
 
 def _make_names_unique(generators: list[ResponseGenerator]) -> None:

@@ -115,6 +115,16 @@ def build_demo(
         except Exception as err:
             raise user_facing_error(err) from None
 
+    def chat(message, history, temperature, top_p, top_k, num_beams, max_new_tokens, seed):
+        try:
+            settings = make_settings(temperature, top_p, top_k, num_beams, max_new_tokens, seed, limits)
+            turns = [
+                {"role": turn["role"], "content": message_text(turn["content"])} for turn in history or []
+            ]
+            yield from main.stream_chat([*turns, {"role": "user", "content": message}], settings)
+        except Exception as err:
+            raise user_facing_error(err) from None
+
     analytics = os.environ.get("GRADIO_ANALYTICS_ENABLED", "False") == "True"
     with gr.Blocks(title="Alpaca-LoRA", analytics_enabled=analytics) as demo:
         gr.Markdown(f"# {TITLE}\n" + DESCRIPTION.format(models=", ".join(g.name for g in generators)))
@@ -142,6 +152,16 @@ def build_demo(
                 outputs=output,
                 api_name="evaluate",
             )
+        with gr.Tab("Chat"):
+            gr.Markdown(
+                "A conversation with the main model in the format it was trained in (its chat template, or "
+                "for an Alpaca-trained model the Alpaca template); each reply streams and ends at the "
+                "end-of-turn token."
+            )
+            with gr.Accordion("Decoding", open=False):
+                chat_knobs = _decoding_inputs(defaults, limits)
+                chat_seed = _seed_input(defaults)
+            gr.ChatInterface(chat, additional_inputs=[*chat_knobs, chat_seed], api_name="chat")
         if len(generators) > 1:
             with gr.Tab("Compare"):
                 gr.Markdown("The same instruction and settings, answered by each model in turn.")
@@ -165,6 +185,17 @@ def build_demo(
                     api_name="compare",
                 )
     return demo
+
+
+def message_text(content) -> str:
+    """The text of a chat message as Gradio keeps it: a string, or a list of parts with text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return str(content)
 
 
 def checked_number(component, whole: bool = False, optional: bool = False):

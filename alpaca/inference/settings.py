@@ -95,9 +95,11 @@ class GenerateConfig:
         "none set serves without a key.",
     )
     chat_format: str = setting(
-        "template",
-        'with --api: "template" puts chat turns into the prompt template (system message -> instruction, '
-        'user message -> input); "tokenizer" uses the tokenizer\'s chat template.',
+        "trained",
+        'with --api: "trained" (default) speaks the format the adapter was trained in (its '
+        'training_format.json): its chat template, or the prompt template; "template" puts chat turns into the '
+        'prompt template (system message -> instruction, user message -> input); "tokenizer" uses the '
+        "tokenizer's chat template.",
     )
     served_model_name: str = setting(
         "", "with --api: the model id in /v1/models; default: the model's label."

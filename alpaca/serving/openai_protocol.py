@@ -6,6 +6,7 @@ penalties, `logit_bias`, tools, JSON mode) is a 400 that names it, as OpenAI doe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import time
@@ -18,7 +19,7 @@ from alpaca.inference.generation import ResponseGenerator
 from alpaca.serving.rows import CONTEXT_TOKENS, Job, Row, RowSettings
 from alpaca.serving.scheduler import BatchScheduler
 
-CHAT_FORMATS = ("template", "tokenizer")
+CHAT_FORMATS = ("template", "tokenizer", "trained")
 MAX_STOP_STRINGS = 16
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
@@ -138,6 +139,11 @@ class OpenAIBackend:
             raise ValueError(
                 f"--chat_format must be one of {', '.join(CHAT_FORMATS)}, got {config.chat_format!r}"
             )
+        if config.chat_format == "trained":
+            # the adapter's recorded format: a chat-trained one speaks its chat template (the tokenizer
+            # loaded from the adapter holds it), an Alpaca-trained one its prompt template
+            chat_trained = hasattr(generator.prompter, "render_chat")
+            config = dataclasses.replace(config, chat_format="tokenizer" if chat_trained else "template")
         self.generator = generator
         self.tokenizer = generator.tokenizer
         self.scheduler = scheduler
@@ -157,6 +163,7 @@ class OpenAIBackend:
             # Chat models may end a turn with their own token (Llama 3's <|eot_id|>).
             extra = getattr(getattr(generator.model, "generation_config", None), "eos_token_id", None)
             extra = extra if isinstance(extra, list) else [extra]
+            extra += list(getattr(generator.prompter, "end_ids", []))  # the trained end-of-turn tokens
             self.chat_eos_ids = frozenset(self.eos_ids | {token for token in extra if token is not None})
         self.created = int(time.time())
 
@@ -350,8 +357,12 @@ class OpenAIBackend:
                 {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
                 for m in messages
             ]
-            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
-            ids = self._encode(text, add_special_tokens=False)
+            if hasattr(self.generator.prompter, "render_chat"):
+                # as training tokenized it (`encode_rendered`): the tokenizer adds the BOS it adds
+                ids = self._encode(self.generator.prompter.render_chat(plain))
+            else:
+                text = self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+                ids = self._encode(text, add_special_tokens=False)
         else:
             instruction, input = template_fields(messages)
             ids = self._encode(self.generator.prompter.generate_prompt(instruction, input))

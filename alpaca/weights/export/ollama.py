@@ -6,8 +6,9 @@ sampling defaults.
 The format is the adapter's recorded one (`prompt_format`). An Alpaca prompt template becomes the
 older-style TEMPLATE that Ollama fills with `.System`, `.Prompt` and `.Response`, in the convention of
 the Jinja template every export carries (`alpaca.core.chat.alpaca_chat_template`), so that llama.cpp's
-chat and Ollama agree: the user message is the instruction; a system message is its input
-(`prompt_input`), e.g. `ollama run` with `/set system <the text>` and then the instruction; an answer is
+chat and Ollama agree: the user message is the instruction; with a system message, the system message
+is the instruction and the user message its input (`prompt_input`), e.g. `ollama run` with
+`/set system Translate into French` and then the text to translate; an answer is
 followed by EOS, as training appended it. A Jinja chat template is probed into a `.Messages` TEMPLATE
 (`ollama_chat`). Either TEMPLATE is checked, before any weights load, to render the Jinja template's
 text for the probe chats, 15 held-out conversations and 15 held-out Alpaca records.
@@ -64,9 +65,10 @@ def go_fill(prompt: str, fields: dict) -> str:
 
 def alpaca_go_template(template: dict, eos_token: str | None = None) -> str:
     """An Alpaca prompt template (templates/*.json) as an Ollama TEMPLATE: the user message is the
-    instruction, a system message its input (as in `alpaca_chat_template`); an answer of an earlier
+    instruction, or with a system message the system message is the instruction and the user message
+    its input (as in `alpaca_chat_template`); an answer of an earlier
     exchange is followed by `eos_token`."""
-    with_input = go_fill(template["prompt_input"], {"instruction": "{{ .Prompt }}", "input": "{{ .System }}"})
+    with_input = go_fill(template["prompt_input"], {"instruction": "{{ .System }}", "input": "{{ .Prompt }}"})
     no_input = go_fill(template["prompt_no_input"], {"instruction": "{{ .Prompt }}"})
     end = f"{{{{ if .Response }}}}{go_literal(eos_token)}{{{{ end }}}}" if eos_token else ""
     return f"{{{{ if .System }}}}{with_input}{{{{ else }}}}{no_input}{{{{ end }}}}{{{{ .Response }}}}{end}"

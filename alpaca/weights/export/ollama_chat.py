@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from alpaca.core.chat import conversation_messages, render
+from alpaca.core.chat import alpaca_record_chat, conversation_messages, render
 from alpaca.weights.export.go_template import ollama_render
 
 PROBE = {
@@ -164,9 +164,7 @@ def check_chats() -> list[list[dict]]:
         [{"role": "user", "content": p["user1"]}, {"role": "assistant", "content": p["assistant1"]}],
         *held_out_conversations(),
     ]
-    for record in held_out_records(CHECK_CONVERSATIONS):
-        system = [{"role": "system", "content": record["input"]}] if record.get("input") else []
-        full.append([*system, {"role": "user", "content": record["instruction"]}])
+    full += [alpaca_record_chat(record) for record in held_out_records(CHECK_CONVERSATIONS)]
     prompts = []
     for messages in full:
         ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"] or [len(messages)]
