@@ -37,7 +37,7 @@ LOGIT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 6e-2}
 # lost: half-precision weights round a small update away entirely (W + BA == W), which the absolute
 # tolerance alone cannot see when the update moves the logits by less than the rounding noise.
 MAX_EFFECT_LOST = 0.1
-DTYPE_CHOICES = ("base", "fp32", "fp16", "bf16")
+PRECISIONS = ("base", "fp32", "fp16", "bf16")
 TORCH_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -49,7 +49,7 @@ class ExportInputs:
     folder: str  # the HF folder (or hub id) the weights load from
     gguf_info: dict | None
     lora_weights: str
-    dtype_name: str
+    precision: str
     tokenizer_dir: str
     tokenizer: object
     config: object
@@ -70,7 +70,7 @@ class MergedModel:
     tokenizer: object
     tokenizer_dir: str
     base_model: str
-    dtype_name: str
+    precision: str
     reference_logits: list = field(default_factory=list)
     input_ids: list = field(default_factory=list)
     adapted_weights: list = field(default_factory=list)
@@ -117,7 +117,7 @@ def max_logit_difference(first: list, second: list) -> float:
 def check_logits_match(
     reference: list,
     candidate: list,
-    dtype_name: str,
+    precision: str,
     what: str,
     adapter_effect: float,
     remedy: str = "Export with --precision=fp32 (or --precision=base, the base's own precision)",
@@ -127,22 +127,22 @@ def check_logits_match(
     max absolute difference."""
     max_diff = max_logit_difference(reference, candidate)
     scale = max(1.0, max(float(ref.abs().max()) for ref in reference))
-    tolerance = LOGIT_TOLERANCE[dtype_name] * scale
+    tolerance = LOGIT_TOLERANCE[precision] * scale
     print(
         f"self-check: max |logit difference| {what} vs adapter model = {max_diff:.3g} (tolerance {tolerance:.3g} "
-        f"for {dtype_name}; the adapter itself moves the logits by up to {adapter_effect:.3g})"
+        f"for {precision}; the adapter itself moves the logits by up to {adapter_effect:.3g})"
     )
     if not max_diff <= tolerance:
         raise ValueError(
             f"self-check failed: the {what}'s logits differ from the adapter model's by up to {max_diff:.3g} "
-            f"(tolerance {tolerance:.3g} for {dtype_name}); the export is wrong, nothing to ship"
+            f"(tolerance {tolerance:.3g} for {precision}); the export is wrong, nothing to ship"
         )
     if not max_diff <= MAX_EFFECT_LOST * adapter_effect:
         raise ValueError(
-            f"self-check failed: in {dtype_name} the {what} loses {max_diff / adapter_effect:.0%} of the adapter's "
+            f"self-check failed: in {precision} the {what} loses {max_diff / adapter_effect:.0%} of the adapter's "
             f"effect on the logits (it differs from the adapter model by up to {max_diff:.3g}, while the "
             f"adapter changes the base model's logits by up to {adapter_effect:.3g}): the update is too small "
-            f"to survive {dtype_name} weights. {remedy}"
+            f"to survive {precision} weights. {remedy}"
         )
     return max_diff
 
@@ -162,10 +162,10 @@ def check_weights_changed(model, before: dict) -> None:
             )
 
 
-def check_dtype(dtype: str) -> None:
-    if dtype not in DTYPE_CHOICES:
+def check_precision(dtype: str) -> None:
+    if dtype not in PRECISIONS:
         raise ValueError(
-            f"--precision={dtype!r}: choose one of {DTYPE_CHOICES} (base: the base model's own precision)"
+            f"--precision={dtype!r}: choose one of {PRECISIONS} (base: the base model's own precision)"
         )
 
 
@@ -182,7 +182,7 @@ def precision_or_alias(precision: str, dtype: str | None, default: str) -> str:
     return dtype
 
 
-def base_dtype_name(config) -> str:
+def base_precision(config) -> str:
     """The precision the base model's `config.json` declares (fp32 when it declares none)."""
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return TORCH_DTYPE_NAMES.get(str(dtype).removeprefix("torch."), "fp32")
@@ -204,9 +204,9 @@ def resolve_export_inputs(
         raise ValueError(f"cannot load the tokenizer of {tokenizer_dir!r}: {err}") from err
     # the export speaks the format the adapter was trained in, not the base model's chat template
     tokenizer.chat_template = recorded_format(lora_weights).chat_template
-    dtype_name = base_dtype_name(config) if dtype == "base" else dtype
+    precision = base_precision(config) if dtype == "base" else dtype
     return ExportInputs(
-        base_model, folder, gguf_info, lora_weights, dtype_name, tokenizer_dir, tokenizer, config
+        base_model, folder, gguf_info, lora_weights, precision, tokenizer_dir, tokenizer, config
     )
 
 
@@ -224,8 +224,8 @@ def align_pad_token(model, tokenizer) -> None:
 def load_and_merge(inputs: ExportInputs) -> MergedModel:
     """Load the base in the export dtype, apply the adapter, record its logits and its effect (adapter
     model vs base), merge, and check the merge."""
-    tokenizer, dtype_name = inputs.tokenizer, inputs.dtype_name
-    model = load_base_model(inputs.folder, dtype=resolve_dtype(dtype_name), device_map={"": "cpu"})
+    tokenizer, precision = inputs.tokenizer, inputs.precision
+    model = load_base_model(inputs.folder, dtype=resolve_dtype(precision), device_map={"": "cpu"})
     extra = len(tokenizer) - model.get_input_embeddings().weight.shape[0]
     if extra > 0:
         resize_embeddings_for_new_tokens(model, tokenizer, extra)
@@ -247,11 +247,11 @@ def load_and_merge(inputs: ExportInputs) -> MergedModel:
     check_weights_changed(merged, before)
     align_pad_token(merged, tokenizer)
     result = MergedModel(
-        merged, tokenizer, inputs.tokenizer_dir, inputs.folder, dtype_name, reference, input_ids, names
+        merged, tokenizer, inputs.tokenizer_dir, inputs.folder, precision, reference, input_ids, names
     )
     result.adapter_effect = adapter_effect
     result.max_logit_diff = check_logits_match(
-        reference, compute_logits(merged, input_ids), dtype_name, "merged model", adapter_effect
+        reference, compute_logits(merged, input_ids), precision, "merged model", adapter_effect
     )
     return result
 

@@ -12,8 +12,8 @@ from alpaca.weights.export.core import (
     MergedModel,
     announce,
     check_adapter_path,
-    check_dtype,
     check_logits_match,
+    check_precision,
     compute_logits,
     load_and_merge,
     resolve_export_inputs,
@@ -77,7 +77,7 @@ def export_gguf(
     check_outtype(outtype)
     if not str(output_file).endswith(".gguf"):
         raise ValueError(f"--output_file={output_file!r}: give a file name ending in .gguf")
-    check_dtype(dtype)
+    check_precision(dtype)
     check_adapter_path(lora_weights)
     if adapter_only:
         return export_adapter_gguf(
@@ -93,14 +93,12 @@ def export_gguf(
     prompt_format = resolve_prompt_format(lora_weights, prompt_template)
     inputs.tokenizer.chat_template = prompt_format.chat_template  # the file and the Modelfile agree
     modelfile = prepare_modelfile_path(path, overwrite, prompt_format, inputs.tokenizer) if ollama else None
-    announce(
-        "export_gguf", **inputs.source(), output_file=str(path), outtype=outtype, dtype=inputs.dtype_name
-    )
+    announce("export_gguf", **inputs.source(), output_file=str(path), outtype=outtype, dtype=inputs.precision)
     merged = load_and_merge(inputs)
     if outtype in ("f16", "bf16"):
         check_f16_weights(merged, outtype)
     name_hint = Path(inputs.folder.rstrip("/")).name or "model"
-    info = dict(export="gguf", **inputs.source(), path=str(path), outtype=outtype, dtype=inputs.dtype_name)
+    info = dict(export="gguf", **inputs.source(), path=str(path), outtype=outtype, dtype=inputs.precision)
     with contextlib.ExitStack() as stack:
         staging = stack.enter_context(staged_output(path, is_file=True))
         if is_quantized(outtype):

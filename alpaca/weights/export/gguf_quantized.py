@@ -34,7 +34,7 @@ def changed_base_weights(inputs: ExportInputs, merged: MergedModel) -> tuple[obj
     (parameter name -> fp32 tensor)."""
     import torch
 
-    base = load_base_model(inputs.folder, dtype=resolve_dtype(inputs.dtype_name), device_map={"": "cpu"})
+    base = load_base_model(inputs.folder, dtype=resolve_dtype(inputs.precision), device_map={"": "cpu"})
     extra = len(merged.tokenizer) - base.get_input_embeddings().weight.shape[0]
     if extra > 0:
         resize_embeddings_for_new_tokens(base, merged.tokenizer, extra)

@@ -12,8 +12,8 @@ from alpaca.weights.export.core import (
     MergedModel,
     announce,
     check_adapter_path,
-    check_dtype,
     check_logits_match,
+    check_precision,
     compute_logits,
     copy_tokenizer_model,
     load_and_merge,
@@ -41,7 +41,7 @@ def export_hf(
     overwrite: bool = False,
 ) -> dict:
     """Merge the adapter and save a Hugging Face folder; reload it and check its logits. Returns a summary."""
-    check_dtype(dtype)
+    check_precision(dtype)
     check_adapter_path(lora_weights)
     out = prepare_output_path(output_dir, overwrite, protect=(base_model, lora_weights))
     inputs = resolve_export_inputs(base_model, lora_weights, dtype)
@@ -50,24 +50,24 @@ def export_hf(
         **inputs.source(),
         output_dir=str(out),
         max_shard_size=max_shard_size,
-        dtype=inputs.dtype_name,
+        dtype=inputs.precision,
     )
     merged = load_and_merge(inputs)
     with staged_output(out) as staging:
         save_hf_folder(merged, staging, max_shard_size)
         del merged.model
-        reloaded = load_base_model(str(staging), dtype=resolve_dtype(inputs.dtype_name)).eval()
+        reloaded = load_base_model(str(staging), dtype=resolve_dtype(inputs.precision)).eval()
         saved_diff = check_logits_match(
             merged.reference_logits,
             compute_logits(reloaded, merged.input_ids),
-            inputs.dtype_name,
+            inputs.precision,
             "saved model",
             merged.adapter_effect,
         )
         info = dict(
             export="hf",
             **inputs.source(),
-            dtype=inputs.dtype_name,
+            dtype=inputs.precision,
             max_shard_size=max_shard_size,
             adapted_weights=len(merged.adapted_weights),
             adapter_effect=merged.adapter_effect,

@@ -12,7 +12,7 @@ from alpaca.core.staging import prepare_output_path, staged_output
 from alpaca.weights.export.core import (
     announce,
     check_adapter_path,
-    check_dtype,
+    check_precision,
     copy_tokenizer_model,
     load_and_merge,
     permute_rotary,
@@ -163,7 +163,7 @@ def export_meta(
     BPE models (llama.cpp's legacy converter then needs `--vocab-type bpe`, or `hfft`)."""
     import torch
 
-    check_dtype(dtype)
+    check_precision(dtype)
     check_adapter_path(lora_weights)
     out = prepare_output_path(output_dir, overwrite, protect=(base_model, lora_weights))
     inputs = resolve_export_inputs(base_model, lora_weights, dtype, "export_state_dict_checkpoint.py")
@@ -171,7 +171,7 @@ def export_meta(
     meta_ffn_params(
         inputs.config.hidden_size, inputs.config.intermediate_size
     )  # refused now, not after the merge
-    announce("export_meta", **inputs.source(), output_dir=str(out), dtype=inputs.dtype_name)
+    announce("export_meta", **inputs.source(), output_dir=str(out), dtype=inputs.precision)
     merged = load_and_merge(inputs)
     meta = meta_state_dict(merged.model)
     check_meta_roundtrip(meta, merged.model)
@@ -188,7 +188,7 @@ def export_meta(
         info = dict(
             export="meta",
             **inputs.source(),
-            dtype=inputs.dtype_name,
+            dtype=inputs.precision,
             params=params,
             vocab_type=vocab_type,
             added_tokens=added,
