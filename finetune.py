@@ -65,6 +65,7 @@ def train(
     trust_remote_code: bool = False,
     overwrite: bool = False,
     num_threads: int = 0,
+    num_proc: int = 1,
     **training_args,
 ) -> dict:
     """Fine-tune `base_model` on Alpaca-format instruction data.
