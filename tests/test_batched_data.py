@@ -124,7 +124,7 @@ def test_prepared_table_equals_build_datasets(tokenizer, tmp_path, num_proc):
             assert row["length"] == len(example["input_ids"])
     expected = report.to_dict()
     got = cached_report.to_dict()
-    for key in ("cache_key", "cache_dir", "cache_reused"):
+    for key in ("cache_id", "cache_dir", "cache_reused"):
         got.pop(key)
         expected.pop(key)
     assert got == expected

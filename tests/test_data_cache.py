@@ -15,7 +15,7 @@ import pytest
 
 from alpaca.core.prompter import Prompter
 from alpaca.finetune.data import load_records
-from alpaca.finetune.prepared import cache_key, prepare_examples, split_prepared
+from alpaca.finetune.prepared import cache_key, prepare_examples
 from alpaca.finetune.sources import scan_source
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,8 +179,8 @@ def test_resume_and_rerun_reuse_the_cache(tiny_llama, small_data, tmp_path, monk
     finetune_fast(tiny_llama, small_data, out, max_steps=2, save_steps=1, group_by_length=True)
     first = json.loads((out / "run_config.json").read_text())
     assert first["data_report"]["cache_reused"] is False
-    key = first["data_cache_key"]
-    assert first["data_report"]["cache_key"] == key
+    key = first["data_cache_id"]
+    assert first["data_report"]["cache_id"] == key and len(key) == 32
     finetune_fast(
         tiny_llama,
         small_data,
@@ -191,5 +191,5 @@ def test_resume_and_rerun_reuse_the_cache(tiny_llama, small_data, tmp_path, monk
         resume_from_checkpoint=True,
     )
     resumed = json.loads((out / "run_config.json").read_text())
-    assert resumed["data_report"]["cache_reused"] is True and resumed["data_cache_key"] == key
+    assert resumed["data_report"]["cache_reused"] is True and resumed["data_cache_id"] == key
     assert len(builds(tmp_path / "xdg" / "alpaca-kit" / "data")) == 1

@@ -124,7 +124,7 @@ class DataReport:
     val_examples: int = 0
     trained_tokens: int = 0
     length_percentiles: dict = field(default_factory=dict)
-    cache_key: str = ""  # the prepared-data cache (alpaca.finetune.prepared), when one was used
+    cache_id: str = ""  # the key of the prepared-data cache (alpaca.finetune.prepared), when one was used
     cache_dir: str = ""
     cache_reused: bool | None = None
 
@@ -138,7 +138,7 @@ class DataReport:
         lengths = ", ".join(f"{k} {v}" for k, v in p.items())
         chats = f" ({self.conversations} conversations, {self.turns} turns)" if self.conversations else ""
         cache = ""
-        if self.cache_key:
+        if self.cache_id:
             cache = f"; prepared data {'reused from' if self.cache_reused else 'cached in'} {self.cache_dir}"
         return (
             f"data {self.source}: {self.records} records{chats}, {self.kept} kept, {self.skipped} skipped "

@@ -9,7 +9,8 @@ The key is a sha256 over everything that determines the examples: the records (t
 dataset's fingerprint), the tokenizer (its full serialized state, added tokens included), the prompt
 template and chat template text, `cutoff_len`, `train_on_inputs`, and the code version (the source of
 the modules that tokenize, and the transformers / tokenizers versions). A change to any of them is a
-new key, so a stale cache is never read; `run_config.json` records the key (`data_cache_key`).
+new key, so a stale cache is never read; `run_config.json` records the key (`data_cache_id`, and `data_report.cache_id`; a name ending in
+`key` would be masked as a secret there).
 
 Written atomically: a build goes into `.KEY.tmp-PID-RANDOM/` and is renamed to `KEY/` once complete
 (its `prep.json` written last); a reader only opens `KEY/prep.json`. A build killed half-way (`kill -9`)
@@ -358,7 +359,7 @@ def split_prepared(prepared: PreparedData, val_set_size: int, seed: int, source:
         val_examples=len(val_rows),
         trained_tokens=int(trained[train_rows].sum()),
         length_percentiles=summary["length_percentiles"],
-        cache_key=prepared.key,
+        cache_id=prepared.key,
         cache_dir=str(prepared.folder),
         cache_reused=prepared.reused,
     )

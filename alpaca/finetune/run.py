@@ -87,7 +87,7 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
             "base_model_gguf": gguf_info,
             "base_model_resolved": identity["base_model_resolved"],
             "data_sha256": identity["data_sha256"],
-            "data_cache_key": prepared.key,
+            "data_cache_id": prepared.key,
             "precision_resolved": precision,
             "training_format": trained_format.kind,
             "chat_template_text": trained_format.chat_template,
