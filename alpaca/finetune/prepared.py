@@ -161,7 +161,7 @@ class PreparationJob:
                 "input_ids": ids,
                 "labels": labels,
                 "length": len(ids),
-                "trained": sum(1 for token in labels if token != IGNORE_INDEX),
+                "trained": len(labels) - labels.count(IGNORE_INDEX),
                 "status": STATUS_CODES[example["status"]],
                 "turns": example.get("turns", 0),
                 "conversation": is_conversation(record),
