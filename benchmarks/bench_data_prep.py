@@ -4,6 +4,7 @@ cached rerun, with each measurement's peak RSS.
     python benchmarks/bench_data_prep.py                          # 52K records: old, new, rerun
     python benchmarks/bench_data_prep.py --records=1000000 --paths=new,rerun --synthetic
     python benchmarks/bench_data_prep.py --num_proc=2 --paths=new
+    python benchmarks/bench_data_prep.py --paths=tokenizer-single,tokenizer-batched,old,new,rerun
 
 Every measurement runs in a fresh process (its peak RSS, `ru_maxrss`, is its own; imports and the
 tokenizer load are excluded from the time but not from the RSS), one torch thread, on a JSONL file the
@@ -14,6 +15,8 @@ benchmark writes into a temporary folder (deleted at the end):
   new     `sources.scan_source` + `prepared.prepare_examples` + `split_prepared`: one streaming pass
           to validate and hash, then batched tokenization into a fresh Arrow cache.
   rerun   the same as `new` a second time: the scan and the examples come from the cache.
+  tokenizer-single, tokenizer-batched   the tokenizer alone on the same texts, one call per text vs 256
+          records per call: the ratio batching can give at most on this machine at this moment.
 
 Records: `../shared/data/gsm8k_train_alpaca.json` replicated to `--records` (real lengths), or with
 `--synthetic` records of random words (instruction 5-30 words, input 0-20, output 10-200) written by the
@@ -63,6 +66,8 @@ def measure(path: str, data: str, tokenizer_dir: str, cache: str, num_proc: int,
     from alpaca.modeling import load_tokenizer
 
     tokenizer, prompter = load_tokenizer(tokenizer_dir), Prompter("alpaca")
+    if path.startswith("tokenizer"):
+        return tokenizer_alone(path, data, tokenizer, prompter)
     started = time.perf_counter()
     if path == "old":
         from alpaca.finetune.data import build_datasets, load_records
@@ -98,6 +103,33 @@ def measure(path: str, data: str, tokenizer_dir: str, cache: str, num_proc: int,
         "peak_rss_mib": round(max(peak, children)),
         "trained_tokens": report.trained_tokens,
         "num_proc": num_proc,
+    }
+
+
+def tokenizer_alone(path: str, data: str, tokenizer, prompter) -> dict:
+    """The tokenizer's own ratio, the ceiling of batching: the prompt and prompt + output of every record
+    tokenized one call each (`tokenizer-single`) or 256 records per call (`tokenizer-batched`)."""
+    from alpaca.finetune.data import load_records
+
+    records = load_records(data)
+    prompts = [prompter.generate_prompt(r["instruction"], r.get("input") or None) for r in records]
+    fulls = [p + r["output"] for p, r in zip(prompts, records)]
+    started = time.perf_counter()
+    if path == "tokenizer-single":
+        for prompt, full in zip(prompts, fulls):
+            tokenizer(prompt)
+            tokenizer(full)
+    else:
+        for start in range(0, len(prompts), 256):
+            tokenizer(prompts[start : start + 256])
+            tokenizer(fulls[start : start + 256])
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"path": path, "records": len(records), "seconds": round(seconds, 2)} | {
+        "records_per_s": round(len(records) / seconds),
+        "peak_rss_mib": round(peak),
+        "trained_tokens": None,
+        "num_proc": 1,
     }
 
 
