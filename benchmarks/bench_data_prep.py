@@ -154,7 +154,7 @@ def main(
             f"{records} records, {data.stat().st_size / 2**20:.0f} MiB of JSONL; tokenizer {tokenizer}",
             flush=True,
         )
-        for path in paths.split(","):
+        for path in paths.split(",") if isinstance(paths, str) else paths:
             env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
             args = [path, str(data), tokenizer, str(Path(folder) / "cache"), str(num_proc), str(cutoff_len)]
             output = subprocess.run(
