@@ -206,9 +206,10 @@ def lock_is_held(root: Path, key: str) -> bool:
 
 
 def give_rank0_a_head_start(root: Path, key: str, seconds: float = 60.0) -> None:
-    """Under torchrun, ranks other than 0 wait until rank 0 holds the key's lock or the cache is ready
-    (at most `seconds`), so that rank 0 is the one that prepares."""
-    if int(os.environ.get("RANK", "0") or 0) == 0:
+    """Under torchrun, local ranks other than 0 wait until local rank 0 holds the key's lock or the cache
+    is ready (at most `seconds`), so that rank 0 of each machine is the one that prepares (the lock and
+    the cache are per machine unless the cache folder is shared)."""
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
         return
     root.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + seconds
