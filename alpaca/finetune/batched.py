@@ -20,7 +20,7 @@ from alpaca.core.chat import (
 )
 from alpaca.finetune.conversations import IGNORE_INDEX, conversation_text, tokenize_conversation
 
-# the fields every prepared example keeps (the rest of a tokenized record is bookkeeping)
+# an example's status as the prepared table stores it (alpaca.finetune.prepared)
 STATUS_CODES = {"ok": 0, "truncated": 1, "skipped": 2}
 
 
