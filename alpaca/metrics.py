@@ -37,18 +37,26 @@ def response_loss(
     The prompt is masked exactly as `train_on_inputs=False` training masks it, so the number is the
     held-out counterpart of a training loss; records whose prompt fills `cutoff_len` are skipped.
     """
-    import torch
-
     examples = [
         tokenize_record(r, i, tokenizer, prompter, cutoff_len, False, "data", chat_template)
         for i, r in enumerate(records)
     ]
     kept = [e for e in examples if e["status"] != "skipped"]
+    return examples_loss(model, tokenizer, kept, len(examples) - len(kept), batch_size)
+
+
+def examples_loss(model, tokenizer, kept, skipped: int, batch_size: int = 8) -> LossReport:
+    """The token-weighted loss over tokenized examples (`input_ids`, `labels`): a list, or the rows of a
+    prepared table (`alpaca.finetune.prepared`), read `batch_size` at a time."""
+    import torch
+
     total_nll, total_tokens = 0.0, 0
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(kept), batch_size):
         batch = kept[start : start + batch_size]
+        if isinstance(batch, dict):  # a table's slice: columns -> rows
+            batch = [dict(zip(batch, row)) for row in zip(*batch.values())]
         width = max(len(e["input_ids"]) for e in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -77,5 +85,5 @@ def response_loss(
         perplexity=math.exp(min(loss, 50.0)),
         tokens=total_tokens,
         examples=len(kept),
-        skipped=len(examples) - len(kept),
+        skipped=skipped,
     )

@@ -24,8 +24,8 @@ def data_24(tmp_path_factory):
     return write_sample_subset(tmp_path_factory.mktemp("data") / "d.json", 24)
 
 
-def torchrun(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1")
+def torchrun(script: str, *args: str, timeout: int = 240, **env_extra) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1", **env_extra)
     env.pop("WORLD_SIZE", None)
     cmd = [
         TORCHRUN,
@@ -63,7 +63,13 @@ def test_ddp_lora_two_ranks(tiny_llama, data_24, tmp_path):
         "--num_epochs=1",
         "--learning_rate=1e-2",
         *COMMON,
+        XDG_CACHE_HOME=str(tmp_path / "xdg"),  # an empty prepared-data cache
     )
+    # the data was tokenized once, by rank 0; rank 1 read the same cache files
+    builds = (tmp_path / "xdg" / "alpaca-kit" / "data" / "builds.log").read_text().splitlines()
+    assert len(builds) == 1 and " rank=0 " in builds[0], builds
+    report = json.loads((out / "run_config.json").read_text())["data_report"]
+    assert report["cache_reused"] is False and report["cache_id"] in builds[0]
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["num_processes"] == 2 and "MULTI_CPU" in metrics["distributed_type"]
     # 2 ranks x 4 examples = the global batch of 8 in one step, so one epoch is ceil(n / 8) steps;

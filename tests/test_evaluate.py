@@ -510,7 +510,9 @@ def test_leaderboard_writes_markdown_csv_and_png(tmp_path):
         evaluate.leaderboard(str(tmp_path))
 
 
-def test_loss_matches_a_direct_transformers_computation(tiny_llama, tiny_llama_adapter, tmp_path):
+def test_loss_matches_a_direct_transformers_computation(
+    tiny_llama, tiny_llama_adapter, tmp_path, monkeypatch
+):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -518,6 +520,7 @@ def test_loss_matches_a_direct_transformers_computation(tiny_llama, tiny_llama_a
     import evaluate
     from alpaca.core.prompter import Prompter
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # an empty prepared-data cache
     records = [
         {"instruction": "Name a colour.", "input": "", "output": "Blue."},
         {"instruction": "Add the numbers.", "input": "2 and 3", "output": "The sum is 5."},
@@ -554,6 +557,8 @@ def test_loss_matches_a_direct_transformers_computation(tiny_llama, tiny_llama_a
     # The adapter is applied: the base alone scores differently.
     evaluate.loss(base_model=tiny_llama, data_path=data, output_file=str(tmp_path / "base.json"))
     assert json.loads((tmp_path / "base.json").read_text())["loss"] != pytest.approx(report["loss"], rel=1e-4)
+    # the records were tokenized once, into the cache training uses; the second score reused it
+    assert len((tmp_path / "xdg" / "alpaca-kit" / "data" / "builds.log").read_text().splitlines()) == 1
 
 
 def test_identical_prompts_are_asked_once(tmp_path, capsys):

@@ -47,3 +47,18 @@ def test_summary_counts_each_ending_once():
         "finished_with_stop_strings": 2,
         "mean_tokens": 65.0,
     }
+
+
+def test_the_demo_is_sized_to_the_machine():
+    from alpaca.quickstart import demo_size, finetune_command, finetune_flags
+
+    assert demo_size("auto", "bf16")[0] == "full"
+    assert demo_size("auto", "fp32")[0] == "small"  # a CPU without native bf16 (or --precision=fp32)
+    assert demo_size("full", "fp32")[0] == "full"
+    assert finetune_flags("full")["num_epochs"] == 2 and finetune_flags("small")["num_epochs"] == 1
+    command = finetune_command("m", SAMPLE_DATA, SAMPLE_DATA.parent / "out", "fp32", "small")
+    assert "--num_epochs=1" in command and "--precision=fp32" in command
+    import pytest
+
+    with pytest.raises(ValueError, match="--size must be"):
+        demo_size("tiny", "fp32")

@@ -414,15 +414,14 @@ def prepare_output_dir(config: FinetuneConfig, plan: ResumePlan, identity: dict)
         log(f"removed the incomplete {stale}")
 
 
-def run_identity(config: FinetuneConfig, records: list, gguf_info: dict | None) -> dict:
-    """The settings, data hash and model that define this run, as compared on resume."""
-    data_hash = hashlib.sha256(
-        json.dumps(records, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
-    )
+def run_identity(config: FinetuneConfig, data_sha256: str, gguf_info: dict | None) -> dict:
+    """The settings, data hash and model that define this run, as compared on resume. `data_sha256` is
+    the records' hash (`alpaca.finetune.sources.scan_source`: sha256 of `json.dumps(records,
+    sort_keys=True, ensure_ascii=False)`, computed record by record)."""
     local = Path(config.base_model).expanduser()
     identity = {key: value for key, value in config.to_dict().items()}
     identity["base_model_resolved"] = str(local.resolve()) if local.exists() else config.base_model
-    identity["data_sha256"] = data_hash.hexdigest()
+    identity["data_sha256"] = data_sha256
     if gguf_info:
         identity["base_model_sha256"] = gguf_info.get("sha256")
         identity["base_model_resolved"] = f"gguf:{gguf_info.get('sha256')}"

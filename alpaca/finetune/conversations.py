@@ -40,14 +40,16 @@ def turn_edges(messages: list[dict], template: str, tokenizer) -> tuple[str, lis
 
 
 def token_spans(
-    full: str, spans: list[tuple[int, int]], tokenizer
+    full: str, spans: list[tuple[int, int]], tokenizer, encode=None
 ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of `full` and each character span as a token span."""
-    ids = encode_rendered(tokenizer, full)
+    """Token ids of `full` and each character span as a token span. `encode(text)` gives a text's ids
+    (default `encode_rendered`; batched preparation passes ids it computed in one tokenizer call)."""
+    encode = encode or (lambda text: encode_rendered(tokenizer, text))
+    ids = encode(full)
     edges = sorted({edge for span in spans for edge in span})
     positions = {}
     for edge in edges:
-        prefix = encode_rendered(tokenizer, full[:edge])
+        prefix = encode(full[:edge])
         if ids[: len(prefix)] != prefix:
             break
         positions[edge] = len(prefix)
@@ -71,24 +73,39 @@ def trained_positions(ids: list[int], token_span: tuple[int, int], ends: set[int
     return range(start, stop)
 
 
-def tokenize_conversation(
-    messages: list[dict], tokenizer, template: str, cutoff_len: int, train_on_inputs: bool, where: str = ""
-) -> dict:
-    """Tokenize one conversation into `input_ids`, `attention_mask`, `labels` and a `status`.
-
-    `status` is `ok`, `truncated` (cut at `cutoff_len`) or `skipped` (nothing of the first assistant turn
-    fits in `cutoff_len`, so there is nothing to learn).
-    """
+def conversation_text(messages: list[dict], tokenizer, template: str, where: str = ""):
+    """`turn_edges`, with a template's refusal turned into an error that names the record and turn."""
     try:
-        full, spans = turn_edges(messages, template, tokenizer)
+        return turn_edges(messages, template, tokenizer)
     except ValueError as err:
         # a template that refuses the conversation usually does so for broken alternation: name the turn
         broken = alternation_break(messages)
         raise ValueError(
             f"{where}: {broken}; the chat template says: {err}" if broken else f"{where}: {err}"
         ) from None
-    ids, turns = token_spans(full, spans, tokenizer)
-    ends = end_of_turn_ids(tokenizer)
+
+
+def tokenize_conversation(
+    messages: list[dict],
+    tokenizer,
+    template: str,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    where: str = "",
+    encode=None,
+    ends: set[int] | None = None,
+    rendered: tuple | None = None,
+) -> dict:
+    """Tokenize one conversation into `input_ids`, `attention_mask`, `labels` and a `status`.
+
+    `status` is `ok`, `truncated` (cut at `cutoff_len`) or `skipped` (nothing of the first assistant turn
+    fits in `cutoff_len`, so there is nothing to learn). `encode`, `ends` (the end-of-turn ids) and
+    `rendered` (`conversation_text`'s result) let batched preparation hand in what it computed for many
+    records at once.
+    """
+    full, spans = rendered or conversation_text(messages, tokenizer, template, where)
+    ids, turns = token_spans(full, spans, tokenizer, encode)
+    ends = end_of_turn_ids(tokenizer) if ends is None else ends
     trained = [trained_positions(ids, span, ends) for span in turns]
     labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * len(ids)
     if not train_on_inputs:

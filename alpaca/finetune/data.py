@@ -19,72 +19,30 @@ from pathlib import Path
 from alpaca.core.chat import alpaca_record_messages, conversation_messages, is_conversation
 from alpaca.core.files import read_json_records
 from alpaca.finetune.conversations import IGNORE_INDEX, tokenize_conversation
-
-REQUIRED_FIELDS = ("instruction", "output")
-
+from alpaca.finetune.sources import open_hf_dataset, source_kind, validate_record
 
 # ---------------------------------------------------------------- loading and validation
 
 
 def load_records(data_path: str) -> list[dict]:
     """Load Alpaca records from a `.json`/`.jsonl` file (either name, either format: the content decides,
-    see `alpaca.core.files.read_json_values`) or a Hugging Face dataset name or folder (train split)."""
+    see `alpaca.core.files.read_json_values`) or a Hugging Face dataset name or folder (train split), as
+    a list (`alpaca.finetune.sources` reads large data without one)."""
     path = Path(data_path).expanduser()
-    if path.suffix in (".json", ".jsonl") and not path.is_dir():
-        if not path.is_file():
-            raise ValueError(f"--data_path={data_path!r}: no such file")
-        records = read_json_records(path, f"data file {str(path)!r}")
-    elif data_path.startswith((".", "/", "~")) and not path.exists():
-        raise ValueError(f"--data_path={data_path!r}: no such file or folder")
+    if source_kind(data_path) == "hf":
+        records = list(open_hf_dataset(data_path))
     else:
-        # A hub dataset name, or a local dataset folder (data files, or a `save_to_disk` folder).
-        from datasets import load_dataset, load_from_disk
-
-        try:
-            saved_to_disk = any(
-                (path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json")
-            )
-            if path.is_dir() and saved_to_disk:
-                dataset = load_from_disk(str(path))
-                records = list(dataset["train"] if hasattr(dataset, "keys") else dataset)
-            else:
-                records = list(load_dataset(data_path, split="train"))
-        except Exception as err:  # the hub raises many types; the user needs the name and the cause
-            raise ValueError(
-                f"--data_path={data_path!r} is neither a local .json/.jsonl file nor a loadable Hugging Face "
-                f"dataset ({type(err).__name__}: {err})"
-            ) from err
+        records = read_json_records(path, f"data file {str(path)!r}")
     validate_records(records, source=data_path)
     return records
 
 
 def validate_records(records: list, source: str) -> None:
-    """Raise a ValueError naming the first bad record: missing, null or non-string fields.
-
-    `instruction` and `output` must be strings (`output` may be empty); `input` may be absent or null.
-    A null `output` is an error rather than an empty answer: training on it would teach the model to
-    answer nothing. A conversation is checked turn by turn (`alpaca.core.chat.conversation_messages`).
-    """
+    """Raise a ValueError naming the first bad record (`alpaca.finetune.sources.validate_record`)."""
     if not records:
         raise ValueError(f"{source!r} holds no records")
     for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f"{source!r} record {index} is a {type(record).__name__}, not an object")
-        if is_conversation(record):
-            conversation_messages(record, index, source)
-            continue
-        for key in REQUIRED_FIELDS:
-            if key not in record:
-                raise ValueError(f"{source!r} record {index} has no {key!r} field (fields: {sorted(record)})")
-        for key in ("instruction", "input", "output"):
-            value = record.get(key)
-            if key == "input" and value is None:
-                continue
-            if key in record and not isinstance(value, str):
-                kind = "null" if value is None else type(value).__name__
-                raise ValueError(f"{source!r} record {index}: {key!r} must be a string, not {kind}")
-        if not record["instruction"].strip():
-            raise ValueError(f"{source!r} record {index} has an empty 'instruction'")
+        validate_record(record, index, source)
 
 
 # ---------------------------------------------------------------- tokenization
@@ -166,6 +124,9 @@ class DataReport:
     val_examples: int = 0
     trained_tokens: int = 0
     length_percentiles: dict = field(default_factory=dict)
+    cache_id: str = ""  # the key of the prepared-data cache (alpaca.finetune.prepared), when one was used
+    cache_dir: str = ""
+    cache_reused: bool | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -176,14 +137,17 @@ class DataReport:
         p = self.length_percentiles
         lengths = ", ".join(f"{k} {v}" for k, v in p.items())
         chats = f" ({self.conversations} conversations, {self.turns} turns)" if self.conversations else ""
+        cache = ""
+        if self.cache_id:
+            cache = f"; prepared data {'reused from' if self.cache_reused else 'cached in'} {self.cache_dir}"
         return (
             f"data {self.source}: {self.records} records{chats}, {self.kept} kept, {self.skipped} skipped "
             f"(prompt alone fills cutoff_len), {self.truncated} truncated; train {self.train_examples}, "
-            f"val {self.val_examples}, {self.trained_tokens} trained tokens; tokens per example: {lengths}"
+            f"val {self.val_examples}, {self.trained_tokens} trained tokens; tokens per example: {lengths}{cache}"
         )
 
 
-def _percentiles(lengths: list[int]) -> dict:
+def percentiles(lengths: list[int]) -> dict:
     if not lengths:
         return {}
     ordered = sorted(lengths)
@@ -242,7 +206,7 @@ def build_datasets(
     train = [examples[i] for i in order[val_set_size:]] if val_set_size > 0 else examples
     report.train_examples, report.val_examples = len(train), len(val)
     report.trained_tokens = sum(sum(1 for t in ex["labels"] if t != IGNORE_INDEX) for ex in train)
-    report.length_percentiles = _percentiles([len(ex["input_ids"]) for ex in examples])
+    report.length_percentiles = percentiles([len(ex["input_ids"]) for ex in examples])
     return train, val, report
 
 

@@ -61,6 +61,7 @@ REPORT_KEYS = frozenset(
         "base_model_gguf",
         "base_model_resolved",
         "data_sha256",
+        "data_cache_id",
         "precision_resolved",
         "training_format",
         "chat_template_text",

@@ -8,6 +8,7 @@ each a set of module-level functions that tests call on a tiny model:
     checkpoints.py  resume plans, output-folder checks, run identity
     distributed.py  FSDP settings from Stanford's flags
     data.py         records, tokenization, label masks, collators (packing.py: packed batches)
+    sources.py      records read in bounded memory; prepared.py: the tokenized Arrow cache
     model.py        precision, tokenizer and base model, LoRA
     trainer.py      TrainingArguments and the Trainer
     report.py       run_config.json, step / warmup report, saved outputs, metrics
@@ -49,18 +50,20 @@ def run_finetune(flags: dict, extra: dict, trainer_class=None) -> dict:
 
 def _finetune_in_output_dir(config: FinetuneConfig, trainer_class) -> dict:
     """`run_finetune` once the settings are resolved and the output folder is this run's."""
-    from alpaca.core.chat import is_conversation, save_training_format, training_format
+    from alpaca.core.chat import save_training_format, training_format
     from alpaca.core.prompter import Prompter
-    from alpaca.finetune.data import build_datasets, load_records
+    from alpaca.finetune.prepared import data_cache_root, prepare_examples, split_prepared
+    from alpaca.finetune.sources import scan_source
     from alpaca.modeling import resolve_base_model
 
     prompter = Prompter(config.prompt_template_name)
-    records = load_records(config.data_path)
+    # every record validated and hashed in one streaming pass (kept in the data cache by content)
+    source = scan_source(config.data_path, data_cache_root())
     plan = plan_resume(config)
     given_model = config.base_model
     # a .gguf base is converted once (cached by hash); every rank may call this, the cache is atomic
     config.base_model, gguf_info = resolve_base_model(given_model, log=log)
-    identity = run_identity(config, records, gguf_info)
+    identity = run_identity(config, source.records_sha256, gguf_info)
     prepare_output_dir(config, plan, identity)
     precision, dtype = training_precision(config)
     if is_main_process():
@@ -71,19 +74,20 @@ def _finetune_in_output_dir(config: FinetuneConfig, trainer_class) -> dict:
     configure_fsdp(config)
     tokenizer, model = prepare_tokenizer_and_model(config, dtype)
     trained_format = training_format(
-        config.chat_template, prompter.template_name, tokenizer, any(map(is_conversation, records))
+        config.chat_template, prompter.template_name, tokenizer, source.has_conversations
     )
-    train_set, val_set, report = build_datasets(
-        records,
+    # tokenized once into the Arrow cache (shared by ranks, resumes, reruns); training reads it mapped
+    prepared = prepare_examples(
+        source,
         tokenizer,
         prompter,
         config.cutoff_len,
         config.train_on_inputs,
-        config.val_set_size,
-        config.seed,
-        source=config.data_path,
         chat_template=trained_format.chat_template if trained_format.is_chat else None,
+        num_proc=config.num_proc,
+        log=log,
     )
+    train_set, val_set, report = split_prepared(prepared, config.val_set_size, config.seed, config.data_path)
     report_run(
         config,
         report,
@@ -93,6 +97,7 @@ def _finetune_in_output_dir(config: FinetuneConfig, trainer_class) -> dict:
             "base_model_gguf": gguf_info,
             "base_model_resolved": identity["base_model_resolved"],
             "data_sha256": identity["data_sha256"],
+            "data_cache_id": prepared.key,
             "precision_resolved": precision,
             "training_format": trained_format.kind,
             "chat_template_text": trained_format.chat_template,

@@ -187,6 +187,11 @@ class FinetuneConfig:
         "torch CPU threads; 0 chooses: $OMP_NUM_THREADS when set, else the usable physical cores shared "
         "among the local ranks (docs/performance.md).",
     )
+    num_proc: int = setting(
+        1,
+        "processes that tokenize the data (batched, into the Arrow cache in ~/.cache/alpaca-kit/data, reused "
+        "by reruns, resumes, every rank and evaluate.py; docs/performance.md).",
+    )
     # resolved from the flags above
     gradient_accumulation_steps: int = derived(default=1)
     world_size: int = derived(default=1)
@@ -232,4 +237,5 @@ NUMERIC_RANGES = {
     "eval_steps": (int, 1, True, "steps between evaluations"),
     "save_steps": (int, 1, True, "steps between checkpoints"),
     "seed": (int, 0, True, "the random seed"),
+    "num_proc": (int, 1, True, "data preparation processes"),
 }

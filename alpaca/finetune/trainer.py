@@ -74,8 +74,11 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, train_set, val_set, 
     return trainer_class(
         model=model,
         args=args,
-        train_dataset=ExampleDataset(train_set),
-        eval_dataset=ExampleDataset(val_set) if val_set else None,
+        # the prepared table (a datasets.Dataset with a `length` column for group_by_length) or a list
+        train_dataset=train_set if hasattr(train_set, "column_names") else ExampleDataset(train_set),
+        eval_dataset=(val_set if hasattr(val_set, "column_names") else ExampleDataset(val_set))
+        if len(val_set)
+        else None,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[checksum_manifest_callback()],
