@@ -193,7 +193,11 @@ def test_gguf_export_equals_llama_cpp_conversion(
     assert kv["tokenizer.ggml.token_type"][:3] == [3, 3, 3]  # control
     assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"]) == (1, 2)
     assert kv["tokenizer.ggml.add_bos_token"] is False
-    assert "<|im_start|>" in kv["tokenizer.chat_template"]
+    # the format the adapter was trained in (the Alpaca template as Jinja), not the base's ChatML (issue 18)
+    from alpaca.core.chat import recorded_format
+
+    assert kv["tokenizer.chat_template"] == recorded_format(smollm2_adapter).chat_template
+    assert "### Instruction:" in kv["tokenizer.chat_template"]
     assert kv["llama.context_length"] == 8192 and "output.weight" not in tensors  # tied embeddings
     if outtype == "f16":
         assert info["base_model"] == smollm2_gguf and info["base_model_folder"] == smollm2
