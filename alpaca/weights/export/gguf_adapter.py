@@ -38,7 +38,7 @@ from alpaca.weights.export.core import (
 from alpaca.weights.export.gguf import bpe_pre_tokenizer, check_gguf_readback, write_gguf
 from alpaca.weights.export.ollama import ollama_modelfile, prepare_modelfile_path, write_modelfile
 from alpaca.weights.export.prompt_format import resolve_prompt_format
-from alpaca.weights.export.quantize import K_OUTTYPES
+from alpaca.weights.export.quantize import check_outtype
 
 
 def check_adapter_for_gguf(adapter_config: dict | None, inputs) -> None:
@@ -190,10 +190,7 @@ def export_adapter_gguf(
 
     from alpaca.weights.export.quantize import load_weights
 
-    if outtype in K_OUTTYPES:
-        raise ValueError(
-            f"--outtype={outtype} with --adapter_only: write the base in a type made here (f32 ... q5_1)"
-        )
+    check_outtype(outtype, adapter_only=True)
     protect = (base_model, lora_weights)
     path = prepare_output_path(output_file, overwrite, "--output_file", protect, is_file=True)
     inputs = resolve_export_inputs(base_model, lora_weights, "fp32", "the GGUF export")

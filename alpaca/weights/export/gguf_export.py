@@ -74,7 +74,7 @@ def export_gguf(
     and check it. `adapter_only` writes the LoRA adapter as its own GGUF instead (and the base beside it
     unless the base is a .gguf file); `ollama` writes a Modelfile beside the file."""
     output_file = output_file or default_gguf_path(outtype, adapter_only)
-    check_outtype(outtype)
+    check_outtype(outtype, adapter_only)
     if not str(output_file).endswith(".gguf"):
         raise ValueError(f"--output_file={output_file!r}: give a file name ending in .gguf")
     check_precision(dtype)

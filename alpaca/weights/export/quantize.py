@@ -64,10 +64,15 @@ def is_quantized(outtype: str) -> bool:
     return outtype in BLOCK_OUTTYPES or outtype in K_OUTTYPES
 
 
-def check_outtype(outtype: str) -> None:
-    """One clear line for an unknown outtype, or a K-quant without llama.cpp's quantizer installed."""
+def check_outtype(outtype: str, adapter_only: bool = False) -> None:
+    """One clear line for an unknown outtype, a K-quant with --adapter_only (the base beside the adapter
+    is written here, without llama.cpp), or a K-quant without llama.cpp's quantizer installed."""
     if outtype not in GGUF_OUTTYPES:
         raise ValueError(f"--outtype={outtype!r}: choose one of {GGUF_OUTTYPES}")
+    if outtype in K_OUTTYPES and adapter_only:
+        raise ValueError(
+            f"--outtype={outtype} with --adapter_only: write the base in a type made here (f32 ... q5_1)"
+        )
     if outtype in K_OUTTYPES:
         try:
             import llama_cpp  # noqa: F401
