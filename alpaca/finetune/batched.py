@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from alpaca.core.chat import (
     adds_bos,
-    alpaca_record_messages,
-    conversation_messages,
     end_of_turn_ids,
-    is_conversation,
 )
 from alpaca.finetune.conversations import IGNORE_INDEX, conversation_text, tokenize_conversation
+from alpaca.finetune.data import record_messages
 
 # an example's status as the prepared table stores it (alpaca.finetune.prepared)
 STATUS_CODES = {"ok": 0, "truncated": 1, "skipped": 2}
@@ -110,15 +108,10 @@ def tokenize_records(
     records formatted in a chat template."""
     alpaca, chats = [], []
     for position, (index, record) in enumerate(records):
-        if not is_conversation(record) and chat_template is None:
+        messages = record_messages(record, index, source, chat_template)
+        if messages is None:
             alpaca.append((position, record))
             continue
-        if chat_template is None:
-            raise ValueError(f"{source!r} record {index} is a conversation: give --chat_template")
-        if is_conversation(record):
-            messages = conversation_messages(record, index, source)
-        else:
-            messages = alpaca_record_messages(record)
         chats.append((position, (messages, f"{source!r} record {index}")))
     examples: list = [None] * len(records)
     if alpaca:

@@ -85,6 +85,18 @@ def tokenize_example(record: dict, tokenizer, prompter, cutoff_len: int, train_o
     }
 
 
+def record_messages(record: dict, index: int, source: str, chat_template: str | None) -> list[dict] | None:
+    """The turns a record trains as in `chat_template`, or None for an Alpaca record in the prompt
+    template (no chat template); a conversation without a chat template is an error."""
+    if not is_conversation(record) and chat_template is None:
+        return None
+    if chat_template is None:
+        raise ValueError(f"{source!r} record {index} is a conversation: give --chat_template")
+    if is_conversation(record):
+        return conversation_messages(record, index, source)
+    return alpaca_record_messages(record)
+
+
 def tokenize_record(
     record: dict,
     index: int,
@@ -96,14 +108,9 @@ def tokenize_record(
     chat_template: str | None = None,
 ) -> dict:
     """One record, Alpaca or conversation, tokenized in the run's format."""
-    if not is_conversation(record) and chat_template is None:
+    messages = record_messages(record, index, source, chat_template)
+    if messages is None:
         return tokenize_example(record, tokenizer, prompter, cutoff_len, train_on_inputs)
-    if chat_template is None:
-        raise ValueError(f"{source!r} record {index} is a conversation: give --chat_template")
-    if is_conversation(record):
-        messages = conversation_messages(record, index, source)
-    else:
-        messages = alpaca_record_messages(record)
     where = f"{source!r} record {index}"
     return tokenize_conversation(messages, tokenizer, chat_template, cutoff_len, train_on_inputs, where)
 
