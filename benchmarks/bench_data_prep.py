@@ -5,10 +5,14 @@ cached rerun, with each measurement's peak RSS.
     python benchmarks/bench_data_prep.py --records=1000000 --paths=new,rerun --synthetic
     python benchmarks/bench_data_prep.py --num_proc=2 --paths=new
     python benchmarks/bench_data_prep.py --paths=tokenizer-single,tokenizer-batched,old,new,rerun
+    python benchmarks/bench_data_prep.py --paths=tokenizer-single,tokenizer-batched,old,new --tokenizer_threads
 
 Every measurement runs in a fresh process (its peak RSS, `ru_maxrss`, is its own; imports and the
 tokenizer load are excluded from the time but not from the RSS), one torch thread, on a JSONL file the
-benchmark writes into a temporary folder (deleted at the end):
+benchmark writes into a temporary folder (deleted at the end). The fast tokenizer's own threads (Rust,
+one per core, for batch calls) are off (`TOKENIZERS_PARALLELISM=false`, as `make` and the tests set it)
+unless `--tokenizer_threads` turns them on for every path (the library's default when the variable is
+unset, as for `python finetune.py`):
 
   old     `load_records` + `data.build_datasets`: every record tokenized on its own (two or three
           tokenizer calls), the examples held as Python lists.
@@ -140,6 +144,7 @@ def main(
     num_proc: int = 1,
     cutoff_len: int = 512,
     tokenizer: str = "",
+    tokenizer_threads: bool = False,
 ) -> list[dict]:
     """Write the data, run each path in a fresh process, print a table."""
     if not tokenizer:
@@ -156,6 +161,7 @@ def main(
         )
         for path in paths.split(",") if isinstance(paths, str) else paths:
             env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+            env["TOKENIZERS_PARALLELISM"] = "true" if tokenizer_threads else "false"
             args = [path, str(data), tokenizer, str(Path(folder) / "cache"), str(num_proc), str(cutoff_len)]
             output = subprocess.run(
                 [sys.executable, __file__, "--measure", *args],
@@ -167,12 +173,20 @@ def main(
             results.append(json.loads(output.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
     cpu = "avx512_bf16" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "no avx512_bf16"
-    print(f"\n| path | records | seconds | records/s | peak RSS (MiB) |   ({os.cpu_count()} cores, {cpu})")
+    threads = "tokenizer threads on" if tokenizer_threads else "one tokenizer thread"
+    print(
+        f"\n| path | records | seconds | records/s | peak RSS (MiB) |   "
+        f"({os.cpu_count()} cores, {cpu}, {threads}, --num_proc={num_proc})"
+    )
     print("|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['path']} | {r['records']:,} | {r['seconds']} | {r['records_per_s']:,} | {r['peak_rss_mib']:,} |"
         )
+    old = next((r for r in results if r["path"] == "old"), None)
+    for r in results:
+        if old and r["path"] in ("new", "rerun"):
+            print(f"{r['path']}: {old['seconds'] / r['seconds']:.2f}x the one-at-a-time path's speed")
     return results
 
 

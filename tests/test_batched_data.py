@@ -128,3 +128,72 @@ def test_prepared_table_equals_build_datasets(tokenizer, tmp_path, num_proc):
         got.pop(key)
         expected.pop(key)
     assert got == expected
+
+
+TRICKY_TEXTS = [
+    "",
+    " ",
+    "plain words",
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnewlines\n\n",
+    "ünïcødé 日本語 🙂🚀 שלום ß→ss",
+    "<|im_start|>user\nspecial tokens inside<|im_end|>\n<|endoftext|></s><s>",
+    "\u2028\u00a0\u200b odd spaces",
+]
+
+
+def _fast_path_equals_transformers(tokenizer):
+    from alpaca.finetune.batched import encode_batch, rust_backend
+
+    assert rust_backend(tokenizer) is not None  # the fast path is the one being checked
+    texts = TRICKY_TEXTS + [Prompter("alpaca").generate_prompt(r["instruction"]) for r in EDGE_CASES]
+    for special in (True, False):
+        assert encode_batch(tokenizer, texts, special) == [
+            tokenizer(text, add_special_tokens=special)["input_ids"] for text in texts
+        ]
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_opt"])
+def test_direct_backend_ids_equal_the_tokenizers_call(model, request):
+    """`encode_batch` calls the Rust tokenizer directly (no offsets, no Python conversion); its ids equal
+    `tokenizer(text)`'s, BOS (LLaMA, OPT) and special tokens in the text included, and a tokenizer set up
+    differently (truncation on, split_special_tokens) falls back to `tokenizer(...)`."""
+    from alpaca.finetune.batched import encode_batch, rust_backend
+    from alpaca.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(request.getfixturevalue(model))
+    _fast_path_equals_transformers(tokenizer)
+    tokenizer.split_special_tokens = True
+    assert rust_backend(tokenizer) is None
+    assert encode_batch(tokenizer, TRICKY_TEXTS, True) == tokenizer(TRICKY_TEXTS)["input_ids"]
+    tokenizer.split_special_tokens = False
+    tokenizer._tokenizer.enable_truncation(max_length=4)
+    assert rust_backend(tokenizer) is None
+
+
+def test_opt_batched_equal_one_at_a_time(tiny_opt):
+    from alpaca.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_opt)
+    assert assert_same(alpaca_records(), tokenizer, Prompter("alpaca"), 96, False) == {
+        "ok",
+        "truncated",
+        "skipped",
+    }
+
+
+@pytest.mark.realmodel
+def test_smollm2_batched_equal_one_at_a_time(smollm2):
+    """The real tokenizer (byte-level BPE with SmolLM2's added tokens): the direct path's ids, and batched
+    preparation of Alpaca records and of conversations in its own chat template, equal one at a time."""
+    from alpaca.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2)
+    _fast_path_equals_transformers(tokenizer)
+    assert assert_same(alpaca_records(), tokenizer, Prompter("alpaca"), 96, False) == {
+        "ok",
+        "truncated",
+        "skipped",
+    }
+    records = load_records(str(CHAT_SAMPLE)) + EDGE_CASES
+    assert_same(records, tokenizer, Prompter("alpaca"), 2048, False, tokenizer.chat_template)

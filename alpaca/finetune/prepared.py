@@ -45,7 +45,7 @@ from alpaca.finetune.conversations import IGNORE_INDEX
 from alpaca.finetune.data import DataReport, percentiles
 from alpaca.finetune.sources import DataSource, iter_records
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: parts written by write_part (was Dataset.from_generator)
 PACKAGE = Path(__file__).resolve().parent.parent
 # the modules whose code decides the examples: editing one is a new code version, so a new key
 CODE_FILES = (
@@ -142,7 +142,10 @@ class PreparationJob:
     cutoff_len: int
     train_on_inputs: bool
 
-    def rows(self, batch: list[tuple[int, dict]]):
+    def table(self, batch: list[tuple[int, dict]]):
+        """The rows of `batch`'s records as one Arrow table (columns built in C, not row by row)."""
+        import pyarrow as pa
+
         examples = tokenize_records(
             batch,
             self.tokenizer,
@@ -152,31 +155,69 @@ class PreparationJob:
             self.source.data_path,
             self.chat_template,
         )
+        columns = {name: [] for name in features()}
         for (index, record), example in zip(batch, examples):
             skipped = example["status"] == "skipped"
             ids = [] if skipped else example["input_ids"]
             labels = [] if skipped else example["labels"]
-            yield {
-                "index": index,
-                "input_ids": ids,
-                "labels": labels,
-                "length": len(ids),
-                "trained": len(labels) - labels.count(IGNORE_INDEX),
-                "status": STATUS_CODES[example["status"]],
-                "turns": example.get("turns", 0),
-                "conversation": is_conversation(record),
-            }
+            columns["index"].append(index)
+            columns["input_ids"].append(ids)
+            columns["labels"].append(labels)
+            columns["length"].append(len(ids))
+            columns["trained"].append(len(labels) - labels.count(IGNORE_INDEX))
+            columns["status"].append(STATUS_CODES[example["status"]])
+            columns["turns"].append(example.get("turns", 0))
+            columns["conversation"].append(is_conversation(record))
+        return pa.Table.from_pydict(columns, schema=features().arrow_schema)
 
 
-def generate_rows(ranges: list[tuple[int, int]], job: PreparationJob):
-    """`Dataset.from_generator`'s generator: one row per record of the contiguous `ranges`, in order."""
-    batch = []
-    for item in iter_records(job.source, ranges[0][0], ranges[-1][1]):
-        batch.append(item)
-        if len(batch) == BATCH_RECORDS:
-            yield from job.rows(batch)
-            batch = []
-    yield from job.rows(batch)
+def write_part(job: PreparationJob, ranges: list[tuple[int, int]], path: str) -> int:
+    """Tokenize the records of the contiguous `ranges` into one Arrow file, in record order, a batch of
+    `BATCH_RECORDS` at a time (memory bounded by a batch); returns the number of rows."""
+    from datasets.arrow_writer import ArrowWriter
+
+    with ArrowWriter(features=features(), path=path) as writer:
+        batch = []
+        for item in iter_records(job.source, ranges[0][0], ranges[-1][1]):
+            batch.append(item)
+            if len(batch) == BATCH_RECORDS:
+                writer.write_table(job.table(batch))
+                batch = []
+        if batch:
+            writer.write_table(job.table(batch))
+        rows, _ = writer.finalize()
+    return rows
+
+
+def split_ranges(ranges: list, parts: int) -> list[list]:
+    """`ranges` cut into at most `parts` contiguous groups of near-equal size (record order kept)."""
+    parts = max(1, min(parts, len(ranges)))
+    size, extra = divmod(len(ranges), parts)
+    groups, start = [], 0
+    for i in range(parts):
+        stop = start + size + (i < extra)
+        groups.append(ranges[start:stop])
+        start = stop
+    return groups
+
+
+def write_parts(job: PreparationJob, folder: Path, num_proc: int) -> list[str]:
+    """Every record into `folder/part-NNNNN.arrow` files, `num_proc` processes writing one part each;
+    returns the file names in record order."""
+    groups = split_ranges(job.source.ranges(), num_proc)
+    names = [f"part-{i:05d}.arrow" for i in range(len(groups))]
+    arguments = [(job, group, str(folder / name)) for group, name in zip(groups, names)]
+    if len(groups) == 1:
+        write_part(*arguments[0])
+    else:
+        import multiprocessing
+
+        # fork where there is one (Linux): the job (tokenizer included) is inherited, not pickled
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        with context.Pool(len(groups)) as pool:
+            pool.starmap(write_part, arguments)
+    return names
 
 
 @contextmanager
@@ -221,24 +262,14 @@ def give_rank0_a_head_start(root: Path, key: str, seconds: float = 60.0) -> None
 
 def build(root: Path, key: str, parts: dict, job: PreparationJob, num_proc: int, log=print) -> None:
     """Tokenize every record into `root/KEY/` through a temporary folder renamed when complete."""
-    from datasets import Dataset
-
     for stale in root.glob(f".{key}.tmp-*"):  # a build killed half-way (we hold the key's lock)
         shutil.rmtree(stale, ignore_errors=True)
     temporary = root / f".{key}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     temporary.mkdir(parents=True)
     started = time.time()
     try:
-        ranges = job.source.ranges()
-        dataset = Dataset.from_generator(
-            generate_rows,
-            features=features(),
-            cache_dir=str(temporary / "arrow"),
-            gen_kwargs={"ranges": ranges, "job": job},
-            num_proc=min(num_proc, len(ranges)) if num_proc > 1 else None,
-            fingerprint=key,
-        )
-        files = [Path(f["filename"]).relative_to(temporary).as_posix() for f in dataset.cache_files]
+        files = write_parts(job, temporary, num_proc)
+        dataset = open_parts(temporary, files)
         summary = dict(summarize(dataset), key=key, parts=parts, files=files)
         summary.update(seconds=round(time.time() - started, 2), built_at=time.strftime("%Y-%m-%d %H:%M:%S"))
         del dataset
@@ -288,11 +319,16 @@ class PreparedData:
 
 def open_prepared(folder: Path):
     """The table (memory-mapped) and summary of a finished cache folder."""
+    summary = json.loads((folder / "prep.json").read_text(encoding="utf-8"))
+    return open_parts(folder, summary["files"]), summary
+
+
+def open_parts(folder: Path, files: list[str]):
+    """The Arrow files, memory-mapped, as one `datasets.Dataset`."""
     from datasets import Dataset, concatenate_datasets
 
-    summary = json.loads((folder / "prep.json").read_text(encoding="utf-8"))
-    parts = [Dataset.from_file(str(folder / name)) for name in summary["files"]]
-    return (parts[0] if len(parts) == 1 else concatenate_datasets(parts)), summary
+    parts = [Dataset.from_file(str(folder / name)) for name in files]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def prepare_examples(
