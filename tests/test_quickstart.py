@@ -55,9 +55,11 @@ def test_the_demo_is_sized_to_the_machine():
     assert demo_size("auto", "bf16")[0] == "full"
     assert demo_size("auto", "fp32")[0] == "small"  # a CPU without native bf16 (or --precision=fp32)
     assert demo_size("full", "fp32")[0] == "full"
-    assert finetune_flags("full")["num_epochs"] == 2 and finetune_flags("small")["num_epochs"] == 1
+    assert finetune_flags("full")["num_epochs"] == 2 and "max_steps" not in finetune_flags("full")
+    assert finetune_flags("small")["max_steps"] == 10
     command = finetune_command("m", SAMPLE_DATA, SAMPLE_DATA.parent / "out", "fp32", "small")
-    assert "--num_epochs=1" in command and "--precision=fp32" in command
+    assert "--max_steps=10" in command and "--precision=fp32" in command
+    assert "--max_steps=10" not in finetune_command("m", SAMPLE_DATA, SAMPLE_DATA.parent / "o", "bf16", "full")
     import pytest
 
     with pytest.raises(ValueError, match="--size must be"):

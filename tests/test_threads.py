@@ -49,3 +49,34 @@ def test_finetune_py_takes_num_threads(tiny_llama, tmp_path, monkeypatch, capsys
     run_finetune_fast(tiny_llama, data, tmp_path / "out", max_steps=1, num_threads=1)
     assert "torch threads: 1 (--num_threads)" in capsys.readouterr().out
     assert torch.get_num_threads() == 1
+
+
+def _v1_tree(tmp_path, quota: str, period: str = "100000", where: str = "docker/abc"):
+    folder = tmp_path / "cgroup" / "cpu,cpuacct" / where
+    folder.mkdir(parents=True)
+    (folder / "cpu.cfs_quota_us").write_text(quota + "\n")
+    (folder / "cpu.cfs_period_us").write_text(period + "\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(f"12:memory:/{where}\n4:cpu,cpuacct:/{where}\n0::/\n")
+    return tmp_path / "cgroup", proc
+
+
+@pytest.mark.parametrize(("quota", "expected"), [("150000", 2), ("50000", 1), ("400000", 4), ("-1", None)])
+def test_cgroup_v1_quota_is_read(tmp_path, quota, expected):
+    """A container on cgroup v1 (cpu.cfs_quota_us, as this project's machines have) limits the default
+    thread count as cgroup v2's cpu.max does; -1 is no limit."""
+    from alpaca.core.threads import _cgroup_cpu_quota
+
+    root, proc = _v1_tree(tmp_path, quota)
+    assert _cgroup_cpu_quota(root, proc) == expected
+
+
+def test_cgroup_v2_cpu_max_wins_and_max_is_no_limit(tmp_path):
+    from alpaca.core.threads import _cgroup_cpu_quota
+
+    root, proc = _v1_tree(tmp_path, "100000")
+    (root / "cpu.max").write_text("250000 100000\n")
+    assert _cgroup_cpu_quota(root, proc) == 3
+    (root / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpu_quota(root, proc) is None
+    assert _cgroup_cpu_quota(tmp_path / "nothing", tmp_path / "none") is None

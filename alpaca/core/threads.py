@@ -49,15 +49,35 @@ def _parse_cpu_list(text: str) -> list[int]:
     return cpus
 
 
-def _cgroup_cpu_quota() -> int | None:
-    """Whole CPUs allowed by cgroup v2's cpu.max ("max 100000" means no limit), rounded up."""
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")):
+    """Whole CPUs allowed by the cgroup CPU quota, rounded up; None without a quota.
+
+    cgroup v2: `cpu.max` ("max 100000" is no limit). cgroup v1 (still common in containers and CI
+    runners): `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1 is no limit) in the cpu controller's folder
+    for this process (`/proc/self/cgroup`), or at the controller's root where a container mounts its own.
+    """
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
     except (OSError, ValueError):
-        return None
-    if quota == "max":
-        return None
-    return max(1, -(-int(quota) // int(period)))
+        pass
+    relative = ""
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "cpu" in controllers.split(","):
+                relative = path.lstrip("/")
+    except (OSError, ValueError):
+        pass
+    for controller in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        for folder in dict.fromkeys((root / controller / relative, root / controller)):
+            try:
+                quota = int((folder / "cpu.cfs_quota_us").read_text())
+                period = int((folder / "cpu.cfs_period_us").read_text())
+            except (OSError, ValueError):
+                continue
+            return None if quota <= 0 or period <= 0 else max(1, -(-quota // period))
+    return None
 
 
 def choose_num_threads(num_threads: int = 0) -> tuple[int, str]:

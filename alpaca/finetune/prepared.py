@@ -57,7 +57,7 @@ CODE_FILES = (
     "core/prompter.py",
 )
 TRAINING_COLUMNS = ["input_ids", "labels", "length"]
-BATCH_RECORDS = 256  # records per tokenizer call
+BATCH_RECORDS = 1024  # records per tokenizer call and per Arrow record batch
 
 
 def data_cache_root() -> Path:
