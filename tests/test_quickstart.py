@@ -59,7 +59,9 @@ def test_the_demo_is_sized_to_the_machine():
     assert finetune_flags("small")["max_steps"] == 10
     command = finetune_command("m", SAMPLE_DATA, SAMPLE_DATA.parent / "out", "fp32", "small")
     assert "--max_steps=10" in command and "--precision=fp32" in command
-    assert "--max_steps=10" not in finetune_command("m", SAMPLE_DATA, SAMPLE_DATA.parent / "o", "bf16", "full")
+    assert "--max_steps=10" not in finetune_command(
+        "m", SAMPLE_DATA, SAMPLE_DATA.parent / "o", "bf16", "full"
+    )
     import pytest
 
     with pytest.raises(ValueError, match="--size must be"):
