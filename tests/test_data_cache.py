@@ -193,3 +193,32 @@ def test_resume_and_rerun_reuse_the_cache(tiny_llama, small_data, tmp_path, monk
     resumed = json.loads((out / "run_config.json").read_text())
     assert resumed["data_report"]["cache_reused"] is True and resumed["data_cache_id"] == key
     assert len(builds(tmp_path / "xdg" / "alpaca-kit" / "data")) == 1
+
+
+def test_a_preparing_process_killed_fails_the_build_clearly(tmp_path, tokenizer, monkeypatch):
+    """`--num_proc=2`: a worker killed with SIGKILL (as the OOM killer does) fails the build with an error
+    naming --num_proc instead of hanging; nothing is cached, and the next build succeeds."""
+    import alpaca.finetune.prepared as prepared_module
+
+    records = json.loads(SAMPLE.read_text())
+    data = write_jsonl(tmp_path / "data.jsonl", records * 40)  # 4,800 records: 3 ranges, 2 workers
+    root, parent = tmp_path / "cache", os.getpid()
+    real = prepared_module.tokenize_records
+
+    def dies_in_a_worker(*args, **kwargs):
+        if os.getpid() != parent:  # the forked worker inherits this patch
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepared_module, "tokenize_records", dies_in_a_worker)
+    source = scan_source(data, None)
+    with pytest.raises(RuntimeError, match=r"--num_proc=2\) died"):
+        prepare_examples(source, tokenizer, Prompter("alpaca"), 128, False, num_proc=2, cache_root=root)
+    key, _ = cache_key(source, tokenizer, Prompter("alpaca"), None, 128, False)
+    assert not (root / key).exists() and not list(root.glob(".*.tmp-*")) and not builds(root)
+    monkeypatch.setattr(prepared_module, "tokenize_records", real)
+    prepared = prepare_examples(
+        source, tokenizer, Prompter("alpaca"), 128, False, num_proc=2, cache_root=root
+    )
+    assert not prepared.reused and prepared.summary["records"] == len(records) * 40
+    assert prepared.dataset["index"] == list(range(len(records) * 40))  # record order across the parts

@@ -209,14 +209,26 @@ def write_parts(job: PreparationJob, folder: Path, num_proc: int) -> list[str]:
     arguments = [(job, group, str(folder / name)) for group, name in zip(groups, names)]
     if len(groups) == 1:
         write_part(*arguments[0])
-    else:
-        import multiprocessing
+        return names
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-        # fork where there is one (Linux): the job (tokenizer included) is inherited, not pickled
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with context.Pool(len(groups)) as pool:
-            pool.starmap(write_part, arguments)
+    # fork where there is one (Linux: no re-import in each worker); each task's job, tokenizer included,
+    # is pickled to its worker. A worker that dies (killed, out of memory) fails the build with
+    # BrokenProcessPool instead of leaving it waiting for a part that never comes.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
+            for future in [pool.submit(write_part, *task) for task in arguments]:
+                future.result()
+    except BrokenProcessPool as err:
+        raise RuntimeError(
+            f"a data preparation process (--num_proc={num_proc}) died before it finished (killed, or out of "
+            "memory); nothing was cached: run again, with a lower --num_proc if memory is short"
+        ) from err
     return names
 
 
