@@ -142,3 +142,27 @@ def args_docstring(config_class, indent: str = "    ") -> str:
     for spec in flag_fields(config_class):
         lines.append(f"{indent * 2}{spec.name}: {' '.join(spec.metadata['help'].split())}")
     return "\n".join(lines) + "\n"
+
+
+def type_problems(config) -> list[str]:
+    """A settings table's fields whose value is not of the declared type, one line each naming the flag.
+
+    For tables filled in Python (the command line is converted to the declared types first, by
+    `alpaca.core.cli.typed_flags`): a bool is not a number here, an int is a float, None only where the
+    type allows it.
+    """
+    wanted = {bool: "True or False", int: "a whole number", float: "a number", str: "text"}
+    problems = []
+    for name, hint in typing.get_type_hints(type(config)).items():
+        value, kinds = getattr(config, name), typing.get_args(hint) or (hint,)
+        optional = type(None) in kinds
+        base = next(kind for kind in kinds if kind is not type(None))
+        if value is None and optional:
+            continue
+        numeric = base is float and isinstance(value, (int, float))
+        if isinstance(value, bool) != (base is bool) or not (numeric or isinstance(value, base)):
+            problem = f"--{name} must be {wanted[base]}{' (or left out)' if optional else ''}, not {value!r}"
+            if base is str and isinstance(value, (int, float)):
+                problem += f" (write --{name}='\"{value}\"' for a name that looks like a number)"
+            problems.append(problem)
+    return problems

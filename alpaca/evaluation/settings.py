@@ -6,14 +6,26 @@ help line. The commands' signatures and `--help` are built from these tables by 
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from alpaca.core.settings import setting
+from alpaca.core.settings import setting, type_problems
 from alpaca.evaluation.judge import DEFAULT_JUDGE_MODEL
 from alpaca.openai_jobs.cost import resolve_prices
-from alpaca.openai_jobs.settings import api_check, backoff_check, cap_check, client_checks, price_checks
+from alpaca.openai_jobs.settings import (
+    BACKOFF_HELP,
+    COMPLETION_PRICE_HELP,
+    CONCURRENCY_HELP,
+    COST_CAP_HELP,
+    PROMPT_PRICE_HELP,
+    RETRIES_HELP,
+    TIMEOUT_HELP,
+    api_check,
+    backoff_check,
+    cap_check,
+    client_checks,
+    price_checks,
+)
 
 
 @dataclass
@@ -41,47 +53,18 @@ class PairwiseConfig:
     )
     max_tokens: int = setting(50, "longest judge reply requested (the verdict is a few tokens).")
     temperature: float = setting(0.0, "judge sampling temperature (0: the most repeatable verdicts).")
-    max_concurrent_requests: int = setting(8, "requests in flight at once; the results do not depend on it.")
-    max_retries: int = setting(
-        5, "retries per request for 429, 5xx, timeouts and dropped connections before stopping."
-    )
-    request_timeout: float = setting(120.0, "seconds before a request is abandoned and retried.")
-    initial_retry_delay: float = setting(
-        1.0, "first backoff in seconds (doubles per retry, with jitter; Retry-After wins)."
-    )
-    max_cost_usd: float | None = setting(
-        None,
-        "never spend more (USD, all runs in output_dir): requests go out only while their worst case fits.",
-    )
-    prompt_price_per_1m: float | None = setting(
-        None, "USD per 1M prompt tokens (overrides the built-in price; needed for unknown models)."
-    )
-    completion_price_per_1m: float | None = setting(None, "USD per 1M completion tokens.")
+    max_concurrent_requests: int = setting(8, CONCURRENCY_HELP)
+    max_retries: int = setting(5, RETRIES_HELP)
+    request_timeout: float = setting(120.0, TIMEOUT_HELP)
+    initial_retry_delay: float = setting(1.0, BACKOFF_HELP)
+    max_cost_usd: float | None = setting(None, COST_CAP_HELP)
+    prompt_price_per_1m: float | None = setting(None, PROMPT_PRICE_HELP)
+    completion_price_per_1m: float | None = setting(None, COMPLETION_PRICE_HELP)
     progress: bool = setting(True, "show the progress bar.")
-
-    def type_problems(self) -> list[str]:
-        """Flags of the wrong type: fire reads `--judge_model=4` as a number and `--max_tokens=abc` as text."""
-        wanted = {bool: "True or False", int: "a whole number", float: "a number", str: "text"}
-        problems = []
-        for name, hint in typing.get_type_hints(type(self)).items():
-            value, kinds = getattr(self, name), typing.get_args(hint) or (hint,)
-            optional = type(None) in kinds
-            base = next(kind for kind in kinds if kind is not type(None))
-            if value is None and optional:
-                continue
-            numeric = base is float and isinstance(value, (int, float))
-            if isinstance(value, bool) != (base is bool) or not (numeric or isinstance(value, base)):
-                problem = (
-                    f"--{name} must be {wanted[base]}{' (or left out)' if optional else ''}, not {value!r}"
-                )
-                if base is str and isinstance(value, (int, float)):
-                    problem += f" (write --{name}='\"{value}\"' for a name that looks like a number)"
-                problems.append(problem)
-        return problems
 
     def problems(self) -> list[str]:
         """Every invalid setting, each naming its flag and what is allowed."""
-        wrong_types = self.type_problems()
+        wrong_types = type_problems(self)
         if wrong_types:
             return wrong_types
         folder = Path(self.output_dir).expanduser()

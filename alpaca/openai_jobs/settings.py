@@ -1,8 +1,8 @@
 """The client flags every OpenAI job shares, checked one way: the server address, concurrency,
 retries, timeout, backoff, the cost cap and the prices behind it.
 
-Each job keeps the fields in its own settings (``SelfInstructConfig``, ``PairwiseConfig``), with its
-own defaults and help lines; ``client_checks`` and ``cost_checks`` give those flags the same rules and
+Each job keeps the fields in its own settings (``SelfInstructConfig``, ``PairwiseConfig``), with the
+help lines below; ``client_checks`` and ``cost_checks`` give those flags the same rules and
 messages in both. ``--api`` and ``--max_tokens`` are checked by each job (their ranges differ).
 """
 
@@ -11,6 +11,17 @@ from __future__ import annotations
 from alpaca.openai_jobs.cost import resolve_prices
 
 API_KINDS = ("chat", "completions")
+
+# The help lines of the client flags both jobs' tables declare (one client serves both: alpaca.openai_jobs)
+CONCURRENCY_HELP = "requests in flight at once; the output does not depend on it."
+RETRIES_HELP = "retries per request for 429, 5xx, timeouts and dropped connections before the run stops."
+TIMEOUT_HELP = "seconds before a request is abandoned and retried."
+BACKOFF_HELP = "first backoff in seconds (doubles per retry, with jitter, at most 60 s; Retry-After wins)."
+COST_CAP_HELP = (
+    "never spend more (USD, all runs in output_dir): requests go out only while their worst case fits."
+)
+PROMPT_PRICE_HELP = "USD per 1M prompt tokens (overrides the built-in price; needed for unknown models)."
+COMPLETION_PRICE_HELP = "USD per 1M completion tokens."
 
 
 def api_check(api: str) -> tuple[bool, str]:

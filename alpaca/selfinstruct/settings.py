@@ -4,13 +4,24 @@
 shares with pairwise judging are checked by ``alpaca.openai_jobs.settings``.
 """
 
-import dataclasses
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from alpaca.core.settings import setting
-from alpaca.openai_jobs.settings import api_check, backoff_check, cap_check, client_checks, price_checks
+from alpaca.core.settings import setting, type_problems
+from alpaca.openai_jobs.settings import (
+    BACKOFF_HELP,
+    COMPLETION_PRICE_HELP,
+    CONCURRENCY_HELP,
+    COST_CAP_HELP,
+    PROMPT_PRICE_HELP,
+    RETRIES_HELP,
+    TIMEOUT_HELP,
+    api_check,
+    backoff_check,
+    cap_check,
+    client_checks,
+    price_checks,
+)
 from alpaca.selfinstruct.tokens import TOKENIZERS
 
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -64,25 +75,16 @@ class SelfInstructConfig:
     max_tokens: int = setting(
         3072, "reply length requested (shrunk by 20% whenever the server says the prompt is too long)."
     )
-    max_concurrent_requests: int = setting(8, "requests in flight at once; the output does not depend on it.")
-    max_retries: int = setting(
-        5, "retries per request for 429, 5xx, timeouts and dropped connections before the run stops."
-    )
-    request_timeout: float = setting(120.0, "seconds before a request is abandoned and retried.")
-    initial_retry_delay: float = setting(
-        1.0, "first backoff in seconds (doubles per retry, with jitter, at most 60 s; Retry-After wins)."
-    )
+    max_concurrent_requests: int = setting(8, CONCURRENCY_HELP)
+    max_retries: int = setting(5, RETRIES_HELP)
+    request_timeout: float = setting(120.0, TIMEOUT_HELP)
+    initial_retry_delay: float = setting(1.0, BACKOFF_HELP)
     seed: int | None = setting(
         None, "seed for sampling the examples (and sent to the server); random and saved when not given."
     )
-    max_cost_usd: float | None = setting(
-        None,
-        "never spend more (USD, all runs in output_dir): requests go out only while their worst case fits.",
-    )
-    prompt_price_per_1m: float | None = setting(
-        None, "USD per 1M prompt tokens (overrides the built-in price; needed for unknown models)."
-    )
-    completion_price_per_1m: float | None = setting(None, "USD per 1M completion tokens.")
+    max_cost_usd: float | None = setting(None, COST_CAP_HELP)
+    prompt_price_per_1m: float | None = setting(None, PROMPT_PRICE_HELP)
+    completion_price_per_1m: float | None = setting(None, COMPLETION_PRICE_HELP)
     num_machine_instructions: int = setting(
         0,
         "how many of the prompt's examples come from generated tasks (self-instruct used 2 of 8).",
@@ -102,7 +104,7 @@ class SelfInstructConfig:
 
     def problems(self) -> list[str]:
         """Every invalid setting, each with the flag name and what is allowed."""
-        wrong_types = self.type_problems()
+        wrong_types = type_problems(self)
         if wrong_types:
             return wrong_types
         checks = [
@@ -137,30 +139,6 @@ class SelfInstructConfig:
             *price_checks(self, self.model_name),
         ]
         return [message for ok, message in checks if not ok]
-
-    def type_problems(self) -> list[str]:
-        """Flags whose value has the wrong type (fire passes ``--num_instructions_to_generate=abc`` as text)."""
-        wanted = {bool: "True or False", int: "a whole number", float: "a number", str: "text"}
-        problems = []
-        for spec in dataclasses.fields(self):
-            value, kinds = getattr(self, spec.name), typing.get_args(spec.type) or (spec.type,)
-            optional = type(None) in kinds
-            base = next(kind for kind in kinds if kind is not type(None))
-            if value is None and optional:
-                continue
-            if base is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            else:
-                ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
-            if not ok:
-                allowed = wanted[base] + (" (or left out)" if optional else "")
-                problem = f"--{spec.name} must be {allowed}, not {value!r}"
-                if base is str and isinstance(value, (int, float)):
-                    # fire reads --output_dir=2024 as a number.
-                    quoted = f"--{spec.name}='\"{value}\"'"
-                    problem += f" (for a name that looks like a number, write ./{value} or {quoted})"
-                problems.append(problem)
-        return problems
 
 
 def output_dir_check(output_dir: str) -> tuple[bool, str]:
