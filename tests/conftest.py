@@ -20,6 +20,16 @@ from helpers.finetune_runs import SAMPLE_DATA, logged_losses, run_finetune_fast,
 from helpers.tiny_trained import train_tiny_adapter  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """`llamacpp` tests are opt-in: they need llama-cpp-python, which compiles llama.cpp on install."""
+    if os.environ.get("RUN_LLAMACPP") == "1":
+        return
+    skip = pytest.mark.skip(reason="opt-in: set RUN_LLAMACPP=1 (needs llama-cpp-python)")
+    for item in items:
+        if "llamacpp" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """Folder of a tiny random LlamaForCausalLM with its locally trained tokenizer."""

@@ -8,7 +8,6 @@ trained on Alpaca records (whose GGUF carries the Alpaca template as Jinja).
     RUN_LLAMACPP=1 python -m pytest -m llamacpp tests/test_chat_llamacpp.py
 """
 
-import os
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,7 @@ from alpaca.inference.decoding import DecodingSettings
 from alpaca.inference.loading import load_generators
 from alpaca.weights.export import export_gguf
 
-pytestmark = [
-    pytest.mark.llamacpp,
-    pytest.mark.realmodel,
-    pytest.mark.skipif(
-        os.environ.get("RUN_LLAMACPP") != "1", reason="opt-in: set RUN_LLAMACPP=1 (needs llama-cpp-python)"
-    ),
-]
+pytestmark = [pytest.mark.llamacpp, pytest.mark.realmodel]  # opt-in: RUN_LLAMACPP=1 (tests/conftest.py)
 REPO = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 24
 

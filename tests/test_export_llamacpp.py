@@ -8,19 +8,12 @@ Needs llama-cpp-python, which compiles llama.cpp on install (about 15 CPU-minute
     RUN_LLAMACPP=1 python -m pytest -m llamacpp tests/test_export_llamacpp.py
 """
 
-import os
-
 import pytest
 from helpers.export_fixtures import CONVERT_LEGACY, run_converter
 
 from alpaca.weights.export import export_gguf, export_hf, export_meta
 
-pytestmark = [
-    pytest.mark.llamacpp,
-    pytest.mark.skipif(
-        os.environ.get("RUN_LLAMACPP") != "1", reason="opt-in: set RUN_LLAMACPP=1 (needs llama-cpp-python)"
-    ),
-]
+pytestmark = pytest.mark.llamacpp  # opt-in: RUN_LLAMACPP=1 (tests/conftest.py)
 PROMPTS = (
     "### Instruction:\nName a colour.\n\n### Response:",
     "The quick brown fox jumps over the lazy dog.",

@@ -10,19 +10,12 @@
     RUN_LLAMACPP=1 python -m pytest -m llamacpp tests/test_export_quantized_llamacpp.py
 """
 
-import os
-
 import pytest
 from helpers.export_fixtures import read_gguf
 
 from alpaca.weights.export import GGUF_OUTTYPES, export_gguf, export_hf
 
-pytestmark = [
-    pytest.mark.llamacpp,
-    pytest.mark.skipif(
-        os.environ.get("RUN_LLAMACPP") != "1", reason="opt-in: set RUN_LLAMACPP=1 (needs llama-cpp-python)"
-    ),
-]
+pytestmark = pytest.mark.llamacpp  # opt-in: RUN_LLAMACPP=1 (tests/conftest.py)
 PROMPTS = (
     "### Instruction:\nName a colour.\n\n### Response:\n",
     "The quick brown fox jumps over the lazy dog.",
